@@ -2,7 +2,8 @@
 
 ``gsv3d fit|validate|test|predict --config A.yaml [--config B.yaml] [--trainer.x=...]`` is LightningCLI.
 Tool commands (``gsv3d <tool> ...``) are dispatched before LightningCLI; each lives in
-``gsv3d_pl/tools/<tool>.py`` and exposes ``main(argv) -> int``.
+``gsv3d_pl/tools/<tool>.py`` and exposes ``main(argv) -> int``. ``gsv3d predict`` with ``--image`` or
+``--prompt`` is the image -> 3D tool; without them it is LightningCLI's predict.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 TOOLS: dict[str, tuple[str, str]] = {
     "data": ("gsv3d_pl.tools.data", "dataset tools: `gsv3d data prepare --config CFG` renders the cache"),
+    "weights": ("gsv3d_pl.tools.weights", "list every external weight file a config needs and whether it is there"),
+    "sweep": ("gsv3d_pl.tools.sweep", "expand a sweep file into SLURM array jobs: --dry-run | --submit | --local"),
+    "predict": ("gsv3d_pl.tools.predict", "--image PATH|DIR or --prompt TEXT -> 3D Gaussians: .ply, turntable, views"),
+    "report": ("gsv3d_pl.tools.report", "gather a sweep's metrics.json files into the paper's ablation table"),
 }
 
 
@@ -47,13 +52,17 @@ def _print_tools() -> None:
     print()
 
 
+def _is_predict_tool(args: list[str]) -> bool:
+    return any(a.split("=")[0] in ("--image", "--prompt") for a in args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:]) or 0
-    if not argv or argv[0] in ("-h", "--help"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS and (args[0] != "predict" or _is_predict_tool(args[1:])):
+        return importlib.import_module(TOOLS[args[0]][0]).main(args[1:]) or 0
+    if not args or args[0] in ("-h", "--help"):
         _print_tools()
-        if not argv:
-            argv = ["--help"]
-    build_cli(args=argv)
+        args = args or ["--help"]
+    # LightningCLI warns when given args that merely repeat sys.argv; pass None then.
+    build_cli(args=None if args == sys.argv[1:] else args)
     return 0

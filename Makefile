@@ -1,0 +1,50 @@
+# GSV3D-PL. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+# The default pin takes both wheels from this machine's disk; on a cluster override, e.g.
+#   make install TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+STAMP       := $(VENV)/.installed
+
+.PHONY: help install demo test test-fast lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Re-run pip only when the package metadata changed: `make install` is quick once done.
+$(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv, install torch ($$TORCH_SPEC) then the package with dev extras (idempotent)
+
+demo: $(STAMP) ## the main job on the embedded default: toy set -> decoder (stage 1) -> LoRA distill (stage 2), CPU
+	$(VENV)/bin/gsv3d fit --config configs/decoder/tiny.yaml
+	$(VENV)/bin/gsv3d fit --config configs/distill/tiny.yaml
+	@echo "Outputs: runs/decoder_tiny (checkpoints, metrics.csv, images/, heldout_eval.json) and runs/distill_tiny (lora/)"
+
+test: $(STAMP) ## run the whole test suite (slow and slurm tests included; gpu tests skip without CUDA)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the fast tests only (not slow, not slurm)
+	$(VENV)/bin/pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP) ## run every benchmark in benchmarks/ and print their tables
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,58 @@
+"""The `gsv3d` command: help, tool dispatch, config parsing and errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gsv3d_pl.cli import TOOLS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "decoder" / "tiny.yaml"
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out + out.err
+
+
+def test_help_lists_subcommands_and_tools(capsys):
+    code, out = run_main(["--help"], capsys)
+    assert code == 0
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+    for tool in TOOLS:
+        assert f"gsv3d {tool}" in out
+
+
+def test_fit_help(capsys):
+    code, out = run_main(["fit", "--help"], capsys)
+    assert code == 0
+    assert "--trainer.max_steps" in out and "--model" in out and "--data" in out
+
+
+@pytest.mark.parametrize("entry", [["gsv3d"], [sys.executable, "-m", "gsv3d_pl"]])
+def test_entry_points_are_the_same_command(entry):
+    exe = [str(Path(sys.executable).parent / "gsv3d")] if entry == ["gsv3d"] else entry
+    res = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "gsv3d data" in res.stdout and "{fit,validate,test,predict}" in res.stdout
+
+
+def test_misspelled_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("model:\n  init_args:\n    lamda_rgb: 0.0\n")
+    code, out = run_main(["fit", "--config", str(TINY), "--config", str(bad), "--print_config"], capsys)
+    assert code != 0
+    assert "lamda_rgb" in out
+
+
+def test_misspelled_trainer_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("trainer:\n  max_stepz: 3\n")
+    code, out = run_main(["fit", "--config", str(TINY), "--config", str(bad), "--print_config"], capsys)
+    assert code != 0
+    assert "max_stepz" in out
