@@ -1,0 +1,463 @@
+"""Frozen encoders: the SD image VAE, the open_clip image embedder and DINOv2.
+
+Every encoder is a :class:`FrozenModule`: ``eval()`` forever, ``requires_grad_(False)``, and **kept out
+of checkpoints**: its ``state_dict()`` entries are dropped by a state-dict post-hook, and a load pre-hook
+fills them back from the live module, so a LightningModule holding encoders saves small checkpoints and
+still loads them with ``strict=True``. The weights therefore always come from the preset: the
+pretrained files, or for ``tiny`` a random init drawn from the global seed (``seed_everything`` makes
+it identical across DDP ranks and resumed runs; :meth:`FrozenModule.weights_key` tells them apart).
+
+Presets:
+
+- ``tiny``: random initialisation, CPU-fast, no files.
+- ``pretrained``: local files only (``path`` or the standard caches), resolved through
+  :mod:`gsv3d_pl.weights`; a missing file raises :class:`~gsv3d_pl.weights.MissingWeightsError` at
+  construction, naming the config key, the expected file and where to get it.
+
+Images enter every encoder as float RGB in [0, 1], channels-first [B, 3, H, W].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsv3d_pl.weights import MissingWeightsError, WeightSpec, hf_cache_dir, register, resolve
+
+__all__ = [
+    "FrozenModule",
+    "VAE",
+    "CLIPImageEmbedder",
+    "DINOEncoder",
+    "TINY_CLIP_MODEL",
+    "TINY_VAE_CONFIG",
+    "vae_weight_specs",
+    "clip_weight_specs",
+    "dino_weight_specs",
+]
+
+_PRESETS = ("tiny", "pretrained")
+
+
+@contextlib.contextmanager
+def tiny_init_seed(seed: int):
+    """Draw a tiny preset's random init from its own fixed seed, independent of the global RNG state.
+
+    Frozen tiny components (VAE, CLIP, DINO, the SV3D UNet under LoRA) are not stored in checkpoints,
+    so every process that builds them — stage 1, stage 2, predict, every DDP rank — must get the same
+    weights regardless of construction order or ``seed_everything``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_preset(cls: str, preset: str, path) -> None:
+    if preset not in _PRESETS:
+        raise ValueError(f"{cls}: unknown preset {preset!r}; choose one of {_PRESETS}")
+    if preset == "tiny" and path is not None:
+        raise ValueError(f"{cls}: `path` is only read with preset='pretrained' (got path={path!r} with preset='tiny')")
+
+
+def _hub_files(repo: str, pattern: str) -> list[Path]:
+    """Existing files/folders ``pattern`` inside the HF-cache snapshots of ``repo``; if none, the
+    un-globbed location (so that messages say where we looked)."""
+    root = hf_cache_dir() / ("models--" + repo.replace("/", "--")) / "snapshots"
+    found = sorted(Path(p) for p in glob.glob(str(root / "*" / pattern)))
+    return found or [root / "<revision>" / pattern]
+
+
+class FrozenModule(nn.Module):
+    """Base of the frozen encoders: always in eval mode, no gradients, and absent from checkpoints.
+
+    Mechanism (for the stages): ``state_dict()`` of any parent omits this module's keys (post-hook);
+    ``load_state_dict`` of any parent fills them in from the live weights first (pre-hook), so strict
+    loading of a checkpoint saved without them succeeds and a checkpoint *with* them still loads them.
+    ``parameters()`` still lists them (all with ``requires_grad=False``): optimise
+    ``filter(lambda p: p.requires_grad, ...)`` or only the trainable sub-modules.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._exporting_full_state = False
+        self.register_state_dict_post_hook(FrozenModule._drop_from_state_dict)
+        self.register_load_state_dict_pre_hook(FrozenModule._fill_missing_on_load)
+
+    def freeze(self) -> FrozenModule:
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The weights that ``state_dict()`` hides (for export or hashing)."""
+        self._exporting_full_state = True
+        try:
+            return self.state_dict()
+        finally:
+            self._exporting_full_state = False
+
+    @staticmethod
+    def _drop_from_state_dict(module: FrozenModule, state_dict: dict, prefix: str, local_metadata) -> None:
+        if module._exporting_full_state:
+            return
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[k]
+
+    @staticmethod
+    def _fill_missing_on_load(module: FrozenModule, state_dict: dict, prefix: str, *args) -> None:
+        for k, v in module.full_state_dict().items():
+            state_dict.setdefault(prefix + k, v)
+
+    def weights_key(self) -> str:
+        """sha1 (16 hex) of every parameter and buffer, names and config included: a cache key that
+        changes whenever the weights do."""
+        h = hashlib.sha1(type(self).__name__.encode())
+        h.update(repr(self._key_extra()).encode())
+        for name, t in sorted(self.full_state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def _key_extra(self) -> object:
+        return None
+
+
+# ============================================================================= VAE
+
+# ×8 downsampling (3 of the 4 encoder blocks downsample) with 4 GroupNorm groups: ~100k parameters.
+TINY_VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=64,
+)
+
+_VAE_SOURCE = (
+    "the SD image VAE in diffusers format (config.json + diffusion_pytorch_model.safetensors): "
+    "`huggingface-cli download stabilityai/sd-vae-ft-mse` (SV3D uses this VAE, scaling 0.18215), "
+    "or the vae/ folder of chenguolin/sv3d-diffusers"
+)
+
+
+def _vae_spec(path, key_prefix: str = "model.init_args.vae") -> WeightSpec:
+    return WeightSpec(
+        name="SD image VAE (AutoencoderKL, diffusers format)",
+        config_key=f"{key_prefix}.init_args.path",
+        candidates=_hub_files("stabilityai/sd-vae-ft-mse", "") + _hub_files("chenguolin/sv3d-diffusers", "vae"),
+        source=_VAE_SOURCE,
+        explicit=path,
+    )
+
+
+@register("gsv3d_pl.models.VAE")
+@register("gsv3d_pl.models.encoders.VAE")
+def vae_weight_specs(init_args: dict, key_prefix: str = "model.init_args.vae") -> list[WeightSpec]:
+    """WeightSpecs a ``VAE(**init_args)`` needs (none for tiny)."""
+    if init_args.get("preset", "tiny") == "tiny":
+        return []
+    return [_vae_spec(init_args.get("path"), key_prefix)]
+
+
+@torch.no_grad()
+def _zero_residual_branches(vae: nn.Module) -> None:
+    """Zero the last layer of every residual branch (ResNet conv2, attention output) of an AutoencoderKL."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    for name, mod in vae.named_modules():
+        if isinstance(mod, ResnetBlock2D):
+            nn.init.zeros_(mod.conv2.weight)
+            nn.init.zeros_(mod.conv2.bias)
+        elif name.endswith("to_out.0") and isinstance(mod, nn.Linear):
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
+def _require_files(folder: Path, spec: WeightSpec, required: list[str], one_of: list[str]) -> None:
+    """Raise MissingWeightsError if ``folder`` lacks a required file or all of ``one_of``."""
+    missing = [f for f in required if not (folder / f).exists()]
+    if one_of and not any((folder / f).exists() for f in one_of):
+        missing.append(one_of[0])
+    if missing:
+        raise MissingWeightsError(WeightSpec(spec.name, spec.config_key, source=spec.source, explicit=folder / missing[0]))
+
+
+class VAE(FrozenModule):
+    """Frozen SD image VAE (diffusers ``AutoencoderKL``), SV3D's latent space.
+
+    The tiny preset is :data:`TINY_VAE_CONFIG` with random weights, except that the last conv of every
+    residual branch (ResNet ``conv2``, attention ``to_out``) starts at zero, so each block starts as its
+    shortcut. Why: with a plain random init the latents carry almost no image content (linear R² of
+    8×8-block colours from the 4 latent channels ≈ 0.03 over 3 seeds, measured), with identity residuals
+    0.2–0.4, which is what lets the tiny GS decoder learn anything from tiny latents.
+
+    Args:
+        preset: "tiny" (random init, :data:`TINY_VAE_CONFIG`) or "pretrained" (a diffusers folder).
+        path: the folder for "pretrained"; default: the HF cache of stabilityai/sd-vae-ft-mse.
+        scaling_factor: latent scale; None = the preset's: 0.18215 (SD VAE) for "pretrained", 4.0 for
+            "tiny" (its unscaled latents have std ≈ 0.25), so that scaled latents have roughly unit std
+            as EDM's sigma_data = 1 assumes.
+        chunk_size: images per VAE call in encode/decode (bounds memory at 576²).
+    """
+
+    def __init__(self, preset: str = "tiny", path: str | None = None, scaling_factor: float | None = None,
+                 chunk_size: int = 16):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        _check_preset("VAE", preset, path)
+        if preset == "tiny":
+            with tiny_init_seed(1):
+                self.vae = AutoencoderKL(**TINY_VAE_CONFIG)
+            _zero_residual_branches(self.vae)
+        else:
+            spec = _vae_spec(path)
+            folder = resolve(spec)
+            _require_files(folder, spec, ["config.json"],
+                           ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
+            self.vae = AutoencoderKL.from_pretrained(str(folder))
+        if scaling_factor is None:
+            scaling_factor = 4.0 if preset == "tiny" else 0.18215
+        self.scaling_factor = float(scaling_factor)
+        self.chunk_size = int(chunk_size)
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.freeze()
+
+    def _key_extra(self) -> object:
+        return self.scaling_factor
+
+    def _chunks(self, x: Tensor):
+        return x.split(self.chunk_size) if x.shape[0] > self.chunk_size else (x,)
+
+    def _check_images(self, images: Tensor, what: str) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"VAE.{what}: images must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
+            raise ValueError(f"VAE.{what}: H and W must be multiples of {self.downsample}, got {tuple(images.shape[-2:])}")
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, H/8, W/8] (posterior mode × scaling_factor)."""
+        self._check_images(images, "encode")
+        dt = self.vae.dtype
+        out = [self.vae.encode((2 * x - 1).to(dt)).latent_dist.mode() for x in self._chunks(images)]
+        return (torch.cat(out) * self.scaling_factor).float()  # [B, 4, h, w]
+
+    @torch.no_grad()
+    def encode_cond(self, images: Tensor, cond_aug: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """SV3D's conditioning latent: ``vae.encode(2·img − 1 + cond_aug·noise).mode()``, **unscaled**.
+
+        Args:
+            images: [B, 3, H, W] in [0, 1].
+            cond_aug: scalar or [B] noise-augmentation std (SV3D inference: 1e-5).
+        Returns:
+            [B, 4, H/8, W/8] unscaled latents.
+        """
+        self._check_images(images, "encode_cond")
+        B = images.shape[0]
+        aug = torch.as_tensor(cond_aug, dtype=torch.float32, device=images.device).reshape(-1).expand(B)
+        gdev = generator.device if generator is not None else images.device
+        noise = torch.randn(images.shape, generator=generator, device=gdev).to(images.device)  # [B, 3, H, W]
+        x = 2 * images.float() - 1 + aug.view(B, 1, 1, 1) * noise
+        dt = self.vae.dtype
+        out = [self.vae.encode(c.to(dt)).latent_dist.mode() for c in self._chunks(x)]
+        return torch.cat(out).float()  # [B, 4, h, w]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [0, 1]."""
+        if latents.ndim != 4:
+            raise ValueError(f"VAE.decode: latents must be [B, 4, h, w], got {tuple(latents.shape)}")
+        dt = self.vae.dtype
+        out = [self.vae.decode((z / self.scaling_factor).to(dt)).sample for z in self._chunks(latents)]
+        return ((torch.cat(out).float() + 1) / 2).clamp(0, 1)  # [B, 3, H, W]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encode(images)
+
+
+# ============================================================================= CLIP (open_clip)
+
+# A small ViT registered with open_clip so that the tiny preset goes through the same factory as
+# ViT-H-14. embed_dim 64 = the tiny SV3D UNet's cross_attention_dim.
+TINY_CLIP_MODEL = "gsv3d-tiny-ViT"
+_TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1},
+}
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip OPENAI_DATASET_MEAN
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_CLIP_SOURCE = (
+    "open_clip ViT-H-14 laion2b_s32b_b79k: `huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
+    "open_clip_pytorch_model.bin` (or open_clip_model.safetensors)"
+)
+
+
+def _register_tiny_clip() -> None:
+    import open_clip.factory as factory
+
+    if TINY_CLIP_MODEL not in factory._MODEL_CONFIGS:
+        factory._MODEL_CONFIGS[TINY_CLIP_MODEL] = copy.deepcopy(_TINY_CLIP_CONFIG)
+
+
+def _clip_spec(path, model_name: str, key_prefix: str = "model.init_args.clip") -> WeightSpec:
+    repo = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    return WeightSpec(
+        name=f"open_clip {model_name} image tower weights",
+        config_key=f"{key_prefix}.init_args.path",
+        candidates=_hub_files(repo, "open_clip_model.safetensors") + _hub_files(repo, "open_clip_pytorch_model.bin"),
+        source=_CLIP_SOURCE,
+        explicit=path,
+    )
+
+
+@register("gsv3d_pl.models.CLIPImageEmbedder")
+@register("gsv3d_pl.models.encoders.CLIPImageEmbedder")
+def clip_weight_specs(init_args: dict, key_prefix: str = "model.init_args.clip") -> list[WeightSpec]:
+    if init_args.get("preset", "tiny") == "tiny":
+        return []
+    return [_clip_spec(init_args.get("path"), init_args.get("model_name", "ViT-H-14"), key_prefix)]
+
+
+class CLIPImageEmbedder(FrozenModule):
+    """Frozen open_clip image embedder: SV3D's ``encoder_hidden_states``.
+
+    Images are resized to the model's input size (224) bicubic with antialiasing, normalised with the
+    CLIP mean/std, and embedded by the image tower (projected, not L2-normalised, as Stability's
+    ``FrozenOpenCLIPImageEmbedder``). Only the image tower is kept.
+
+    Args:
+        preset: "tiny" (registered small ViT, embed_dim 64) or "pretrained" (ViT-H-14, embed_dim 1024).
+        path: the open_clip checkpoint file for "pretrained"; default: the HF cache of
+            laion/CLIP-ViT-H-14-laion2B-s32B-b79K.
+        model_name: open_clip architecture for "pretrained".
+    """
+
+    def __init__(self, preset: str = "tiny", path: str | None = None, model_name: str = "ViT-H-14"):
+        super().__init__()
+        import open_clip
+
+        _check_preset("CLIPImageEmbedder", preset, path)
+        if preset == "tiny":
+            _register_tiny_clip()
+            with tiny_init_seed(2):
+                model = open_clip.create_model(TINY_CLIP_MODEL, pretrained=None)
+        else:
+            ckpt = resolve(_clip_spec(path, model_name))
+            model = open_clip.create_model(model_name, pretrained=str(ckpt))
+        self.visual = model.visual  # the text tower is dropped (≈350M parameters for ViT-H-14)
+        self.image_size = int(_as_pair(self.visual.image_size)[0])
+        self.embed_dim = int(self.visual.output_dim)
+        self.register_buffer("mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> embeddings [B, 1, D] (D = 1024 for ViT-H-14)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"CLIPImageEmbedder: images must be [B, 3, H, W], got {tuple(images.shape)}")
+        x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=True, antialias=True)  # [B, 3, 224, 224]
+        x = (x - self.mean) / self.std
+        dt = next(self.visual.parameters()).dtype
+        return self.visual(x.to(dt)).float()[:, None]  # [B, 1, D]
+
+
+def _as_pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# ============================================================================= DINOv2 (timm)
+
+_DINO_SOURCE = (
+    "timm DINOv2 weights: `huggingface-cli download timm/{name}.lvd142m model.safetensors` "
+    "(pass the file as path)"
+)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _dino_spec(path, model_name: str, key_prefix: str = "model.init_args.dino") -> WeightSpec:
+    return WeightSpec(
+        name=f"timm {model_name} weights",
+        config_key=f"{key_prefix}.init_args.path",
+        candidates=_hub_files(f"timm/{model_name}.lvd142m", "model.safetensors"),
+        source=_DINO_SOURCE.format(name=model_name),
+        explicit=path,
+    )
+
+
+@register("gsv3d_pl.models.DINOEncoder")
+@register("gsv3d_pl.models.encoders.DINOEncoder")
+def dino_weight_specs(init_args: dict, key_prefix: str = "model.init_args.dino") -> list[WeightSpec]:
+    if init_args.get("preset", "tiny") == "tiny":
+        return []
+    return [_dino_spec(init_args.get("path"), init_args.get("model_name", "vit_small_patch14_dinov2"), key_prefix)]
+
+
+class DINOEncoder(FrozenModule):
+    """Frozen DINOv2 (timm) returning the final-normed patch tokens of the input view.
+
+    Args:
+        preset: "tiny" (random ViT, patch 14, depth 2, width 64, 2 heads) or "pretrained".
+        model_name: timm name for "pretrained" (``vit_small_patch14_dinov2`` / ``vit_base_patch14_dinov2``).
+        path: the weights file for "pretrained"; default: the HF cache of ``timm/<model_name>.lvd142m``.
+        image_size: input side (a multiple of 14); T = (image_size / 14)² tokens. timm resamples the
+            pretrained position embedding (trained at 518) to it.
+    """
+
+    def __init__(self, preset: str = "tiny", model_name: str = "vit_small_patch14_dinov2", path: str | None = None,
+                 image_size: int = 224):
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        _check_preset("DINOEncoder", preset, path)
+        if image_size % 14:
+            raise ValueError(f"DINOEncoder: image_size must be a multiple of the patch size 14, got {image_size}")
+        if preset == "tiny":
+            with tiny_init_seed(3):
+                self.vit = VisionTransformer(img_size=image_size, patch_size=14, embed_dim=64, depth=2, num_heads=2,
+                                             init_values=1e-5, num_classes=0)
+        else:
+            f = resolve(_dino_spec(path, model_name))
+            self.vit = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(f)),
+                                         img_size=image_size, num_classes=0)
+        self.image_size = int(image_size)
+        self.embed_dim = int(self.vit.embed_dim)
+        self.num_tokens = (image_size // 14) ** 2
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> patch tokens [B, T, C] (T = (image_size/14)², C = embed_dim)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"DINOEncoder: images must be [B, 3, H, W], got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=True)  # [B, 3, S, S]
+        x = (x - self.mean) / self.std
+        dt = next(self.vit.parameters()).dtype
+        tokens = self.vit.forward_features(x.to(dt))  # [B, prefix + T, C], final LayerNorm applied
+        return tokens[:, self.vit.num_prefix_tokens:].float()  # [B, T, C]
+

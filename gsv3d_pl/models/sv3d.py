@@ -1,0 +1,525 @@
+"""SV3D-p on diffusers: a camera-conditioned video UNet, EDM preconditioning, training loss and sampler.
+
+Pieces:
+
+- :class:`SV3DUNet`: diffusers' ``UNetSpatioTemporalConditionModel`` whose ``added_time_ids`` are
+  **per frame** ``(cond_aug, polar, azimuth)``, as SV3D-p does. Each is embedded sinusoidally
+  (sizes ``a``, ``2a`` and ``2a`` with ``a = addition_time_embed_dim``: 256/512/512 at paper scale,
+  1280 in all), goes through ``add_embedding`` and is added to that frame's time embedding. The
+  sinusoids have no weights, so the state dict is the stock class's and a diffusers-format SV3D-p
+  UNet folder loads with ``from_pretrained``. ``PeftAdapterMixin`` adds ``add_adapter`` /
+  ``save_lora_adapter`` / ``load_lora_adapter`` (the stock class lacks it).
+- :class:`EDMPreconditioner`: SVD's EDM/v-scaling with sigma_data = 1 (c_in, c_skip, c_out, c_noise),
+  the log-normal training sigma and the loss weight.
+- :class:`SV3D`: the UNet plus conditioning (CLIP embedding of the input view as
+  ``encoder_hidden_states``, its unscaled noise-augmented VAE latent concatenated to every frame),
+  classifier-free dropout, :meth:`SV3D.training_loss` (returns the denoised prediction D that
+  DistillStage feeds to the GS decoder) and :meth:`SV3D.sample` (Euler over a Karras sigma schedule
+  using diffusers' ``EulerDiscreteScheduler``, with SV3D's triangle CFG over frames).
+
+Frame order is SV3D's: frame i has azimuth (i+1)·360/F relative to the input view, so the last frame
+is the input view. Latents are *scaled* (× 0.18215) except the conditioning latent, which SV3D feeds
+unscaled.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+from torch import Tensor, nn
+
+from gsv3d_pl.models.encoders import tiny_init_seed
+from gsv3d_pl.weights import MissingWeightsError, WeightSpec, hf_cache_dir, register, resolve
+
+__all__ = [
+    "SV3DUNet",
+    "EDMPreconditioner",
+    "SV3D",
+    "UNET_PRESETS",
+    "LORA_TARGET_MODULES",
+    "triangle_cfg_scales",
+    "sv3d_weight_specs",
+]
+
+# peft target names: these match the spatial (``attn1``/``attn2``) and temporal attention of every
+# transformer block; 256 Linear layers at paper scale.
+LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+UNET_PRESETS: dict[str, dict] = {
+    # Paper scale (Stability's sv3d_p.yaml as converted to diffusers): ~1.5B parameters.
+    "pretrained": dict(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ),
+        up_block_types=(
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ),
+        block_out_channels=(320, 640, 1280, 1280),
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280,
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        num_attention_heads=(5, 10, 20, 20),
+        num_frames=21,
+    ),
+    # Random init, CPU-fast. Channels are multiples of 32 (GroupNorm(32) inside the UNet); the
+    # projection dim is 5 × addition_time_embed_dim (a + 2a + 2a). cross_attention_dim matches the
+    # tiny CLIPImageEmbedder's embed_dim.
+    "tiny": dict(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=160,
+        layers_per_block=1,
+        cross_attention_dim=64,
+        num_attention_heads=(2, 4),
+        num_frames=21,
+    ),
+}
+
+
+class SV3DUNet(UNetSpatioTemporalConditionModel, PeftAdapterMixin):
+    """SV3D-p's UNet: the stock SVD UNet with per-frame camera conditioning and LoRA support.
+
+    Same constructor, config and state dict as ``UNetSpatioTemporalConditionModel`` (no ``__init__``
+    override, so ``from_pretrained``/``from_config`` work unchanged); the forward requires
+    ``projection_class_embeddings_input_dim == 5 * addition_time_embed_dim`` (checked by :class:`SV3D`
+    at construction).
+    """
+
+    def camera_embedding(self, added_time_ids: Tensor) -> Tensor:
+        """Per-frame sinusoidal embedding of (cond_aug, polar, azimuth), before ``add_embedding``.
+
+        Args:
+            added_time_ids: [B, F, 3] (cond_aug, polar_rad, azimuth_rad) per frame.
+        Returns:
+            [B, F, 5a] float32: cat(emb_a(cond_aug), emb_2a(polar), emb_2a(azimuth)).
+        """
+        if added_time_ids.ndim != 3 or added_time_ids.shape[-1] != 3:
+            raise ValueError(f"added_time_ids must be [B, F, 3] (cond_aug, polar, azimuth), got {tuple(added_time_ids.shape)}")
+        a = self.config.addition_time_embed_dim
+        if self.config.projection_class_embeddings_input_dim != 5 * a:
+            raise ValueError(
+                f"SV3DUNet: projection_class_embeddings_input_dim must be 5 * addition_time_embed_dim "
+                f"(cond_aug a + polar 2a + azimuth 2a) = {5 * a}, got {self.config.projection_class_embeddings_input_dim}"
+                " (an SV3D-u or SVD checkpoint is not camera-conditioned)"
+            )
+        B, F, _ = added_time_ids.shape
+        ids = added_time_ids.float()  # angles stay fp32: fp16 sinusoids of radians lose the high bands
+        # The parent's add_time_proj (a wide) embeds cond_aug; the angles use the same weight-free
+        # sinusoids at 2a, so the state dict stays the stock one.
+        emb = lambda v, d: get_timestep_embedding(v.reshape(-1), d, flip_sin_to_cos=True, downscale_freq_shift=0)
+        cond_aug = self.add_time_proj(ids[..., 0].reshape(-1))  # [B*F, a]
+        polar = emb(ids[..., 1], 2 * a)  # [B*F, 2a]
+        azimuth = emb(ids[..., 2], 2 * a)  # [B*F, 2a]
+        return torch.cat([cond_aug, polar, azimuth], dim=-1).reshape(B, F, -1)  # [B, F, 5a]
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        added_time_ids: Tensor,
+        return_dict: bool = True,
+    ) -> UNetSpatioTemporalConditionOutput | tuple:
+        """Run the UNet.
+
+        Args:
+            sample: [B, F, C_in, h, w] noisy (preconditioned) latents concatenated with the conditioning latent.
+            timestep: [B] or scalar, the noise level input (EDM c_noise = 0.25·ln σ).
+            encoder_hidden_states: [B, S, D] CLIP image embedding (S = 1 for SV3D).
+            added_time_ids: [B, F, 3] per-frame (cond_aug, polar_rad, azimuth_rad); [B, 3] is
+                broadcast over frames.
+        Returns:
+            ``UNetSpatioTemporalConditionOutput(sample=[B, F, C_out, h, w])`` or a 1-tuple.
+        """
+        B, F = sample.shape[:2]
+        if added_time_ids.ndim == 2:
+            added_time_ids = added_time_ids[:, None].expand(B, F, added_time_ids.shape[-1])
+        if added_time_ids.shape[:2] != (B, F):
+            raise ValueError(f"added_time_ids {tuple(added_time_ids.shape)} does not match sample batch/frames {(B, F)}")
+
+        # 1. Embeddings: time per sample, camera per frame.
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t.reshape(B)
+        t_emb = self.time_proj(t).to(sample.dtype)  # [B, c0]
+        emb = self.time_embedding(t_emb)  # [B, 4*c0]
+        cam = self.camera_embedding(added_time_ids).to(emb.dtype)  # [B, F, 5a]
+        aug = self.add_embedding(cam.flatten(0, 1))  # [B*F, 4*c0]
+        emb = emb.repeat_interleave(F, dim=0) + aug  # [B*F, 4*c0]
+        ehs = encoder_hidden_states.repeat_interleave(F, dim=0)  # [B*F, S, D]
+
+        # 2. UNet body (the same block calls as the stock forward).
+        x = self.conv_in(sample.flatten(0, 1))  # [B*F, c0, h, w]
+        indicator = torch.zeros(B, F, dtype=x.dtype, device=x.device)  # all frames are video frames
+        up_factor = 2**self.num_upsamplers
+        forward_size = any(s % up_factor != 0 for s in x.shape[-2:])
+        skips = (x,)
+        for block in self.down_blocks:
+            kw = dict(encoder_hidden_states=ehs) if getattr(block, "has_cross_attention", False) else {}
+            x, res = block(hidden_states=x, temb=emb, image_only_indicator=indicator, **kw)
+            skips += res
+        x = self.mid_block(hidden_states=x, temb=emb, encoder_hidden_states=ehs, image_only_indicator=indicator)
+        for i, block in enumerate(self.up_blocks):
+            res = skips[-len(block.resnets):]
+            skips = skips[: -len(block.resnets)]
+            size = skips[-1].shape[2:] if (forward_size and i < len(self.up_blocks) - 1) else None
+            kw = dict(encoder_hidden_states=ehs) if getattr(block, "has_cross_attention", False) else {}
+            x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, upsample_size=size,
+                      image_only_indicator=indicator, **kw)
+        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))  # [B*F, C_out, h, w]
+        x = x.reshape(B, F, *x.shape[1:])  # [B, F, C_out, h, w]
+        if not return_dict:
+            return (x,)
+        return UNetSpatioTemporalConditionOutput(sample=x)
+
+
+class EDMPreconditioner(nn.Module):
+    """EDM preconditioning with sigma_data = 1 and SVD's v-parameterisation sign.
+
+    c_in = 1/√(σ²+1), c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1), c_noise = ¼·ln σ, and
+    D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise). Training σ ~ exp(N(p_mean, p_std)), loss weight
+    (σ²+1)/σ² (which makes the effective target the unit-variance v of the network output).
+    """
+
+    def __init__(self, p_mean: float = 0.7, p_std: float = 1.6):
+        super().__init__()
+        self.p_mean = float(p_mean)
+        self.p_std = float(p_std)
+
+    @staticmethod
+    def scalings(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise), each shaped like ``sigma``."""
+        sigma = sigma.float()
+        s2 = sigma**2 + 1.0
+        return 1.0 / s2, -sigma / s2.sqrt(), 1.0 / s2.sqrt(), 0.25 * sigma.log()
+
+    def sample_sigma(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """[n] training noise levels, log-normal(p_mean, p_std)."""
+        dev = generator.device if generator is not None else device
+        z = torch.randn(n, generator=generator, device=dev)
+        return (self.p_mean + self.p_std * z).exp().to(device)
+
+    @staticmethod
+    def loss_weight(sigma: Tensor) -> Tensor:
+        """EDM weight λ(σ) = (σ²+1)/σ² for sigma_data = 1."""
+        sigma = sigma.float()
+        return (sigma**2 + 1.0) / sigma**2
+
+
+def triangle_cfg_scales(num_frames: int, min_scale: float = 1.0, max_scale: float = 2.5) -> Tensor:
+    """SV3D's triangle CFG: [F] scales rising linearly from ``min_scale`` (frame 0) to ``max_scale``
+    (middle frame) and back to ``min_scale`` (last frame, the input view)."""
+    x = torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64)
+    tri = 1.0 - (2.0 * x - 1.0).abs()  # 0 -> 1 -> 0
+    return (min_scale + (max_scale - min_scale) * tri).float()  # [F]
+
+
+# ----------------------------------------------------------------------------- weights
+
+_UNET_SOURCE = (
+    "a diffusers-format SV3D-p UNet folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
+    "`huggingface-cli download chenguolin/sv3d-diffusers --include 'unet/*'` (converted from "
+    "stabilityai/sv3d sv3d_p.safetensors; accept the SV3D licence first)"
+)
+
+
+def _hub_snapshots(repo: str, sub: str = "") -> list[Path]:
+    """Existing snapshot folders (plus ``sub``) of an HF-hub repo in the standard cache; if there is
+    none, the un-globbed pattern, so that error messages show where we looked."""
+    root = hf_cache_dir() / ("models--" + repo.replace("/", "--")) / "snapshots"
+    found = sorted(Path(p) for p in glob.glob(str(root / "*" / sub)))
+    return found or [root / "<revision>" / sub]
+
+
+def _unet_spec(unet_path: str | os.PathLike | None, key_prefix: str = "model.init_args.sv3d") -> WeightSpec:
+    return WeightSpec(
+        name="SV3D-p UNet (diffusers format)",
+        config_key=f"{key_prefix}.init_args.unet_path",
+        candidates=_hub_snapshots("chenguolin/sv3d-diffusers", "unet"),
+        source=_UNET_SOURCE,
+        explicit=unet_path,
+    )
+
+
+@register("gsv3d_pl.models.SV3D")
+@register("gsv3d_pl.models.sv3d.SV3D")
+def sv3d_weight_specs(init_args: dict, key_prefix: str = "model.init_args.sv3d") -> list[WeightSpec]:
+    """WeightSpecs an ``SV3D(**init_args)`` needs (none for the tiny preset)."""
+    if init_args.get("unet_preset", "tiny") == "tiny":
+        return []
+    return [_unet_spec(init_args.get("unet_path"), key_prefix)]
+
+
+def _check_unet_folder(path: Path, spec: WeightSpec) -> None:
+    missing = [f for f in ("config.json",) if not (path / f).exists()]
+    if not any((path / f).exists() for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")):
+        missing.append("diffusion_pytorch_model.safetensors")
+    if missing:
+        spec = WeightSpec(spec.name, spec.config_key, source=spec.source, explicit=path / missing[0])
+        raise MissingWeightsError(spec)
+
+
+# ----------------------------------------------------------------------------- SV3D wrapper
+
+
+class SV3D(nn.Module):
+    """SV3D-p: camera-conditioned video diffusion over the 21-frame orbit, with EDM training and sampling.
+
+    Args:
+        unet_preset: "tiny" (random init, CPU-fast) or "pretrained" (diffusers-format SV3D-p folder).
+        unet_path: the folder for "pretrained"; default: the HF cache of ``chenguolin/sv3d-diffusers``/unet.
+        p_mean, p_std: log-normal training sigma (0.7 / 1.6 as public SVD/SV3D fine-tunes use).
+        cfg_dropout: probability, per sample, of dropping *both* the CLIP embedding and the conditioning
+            latent (zeroed, as the sampler's unconditional branch) during training.
+        sigma_min, sigma_max, rho: the Karras sampling schedule (SV3D: 0.002, 700, 7).
+        num_steps: default sampling steps (50).
+        min_cfg, max_cfg: triangle CFG scales over frames (1.0 -> 2.5 -> 1.0).
+        gradient_checkpointing: enable diffusers' checkpointing inside the UNet blocks.
+    """
+
+    def __init__(
+        self,
+        unet_preset: str = "tiny",
+        unet_path: str | None = None,
+        p_mean: float = 0.7,
+        p_std: float = 1.6,
+        cfg_dropout: float = 0.1,
+        sigma_min: float = 0.002,
+        sigma_max: float = 700.0,
+        rho: float = 7.0,
+        num_steps: int = 50,
+        min_cfg: float = 1.0,
+        max_cfg: float = 2.5,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if unet_preset not in UNET_PRESETS:
+            raise ValueError(f"SV3D: unknown unet_preset {unet_preset!r}; choose one of {sorted(UNET_PRESETS)}")
+        if unet_preset == "tiny":
+            if unet_path is not None:
+                raise ValueError("SV3D: unet_path is only read with unet_preset='pretrained'")
+            with tiny_init_seed(4):  # the base UNet is not in stage-2 checkpoints (LoRA only)
+                self.unet = SV3DUNet(**UNET_PRESETS["tiny"])
+        else:
+            spec = _unet_spec(unet_path)
+            folder = resolve(spec)  # raises MissingWeightsError naming model.init_args.sv3d.init_args.unet_path
+            _check_unet_folder(folder, spec)
+            self.unet = SV3DUNet.from_pretrained(str(folder))
+        a = self.unet.config.addition_time_embed_dim
+        if self.unet.config.projection_class_embeddings_input_dim != 5 * a:
+            raise ValueError(
+                f"SV3D: the UNet at {unet_path} has projection_class_embeddings_input_dim "
+                f"{self.unet.config.projection_class_embeddings_input_dim}, expected 5 * {a} (SV3D-p's per-frame "
+                "cond_aug/polar/azimuth); SV3D-u and SVD checkpoints are not camera-conditioned"
+            )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.edm = EDMPreconditioner(p_mean, p_std)
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"SV3D: cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        self.cfg_dropout = float(cfg_dropout)
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.num_steps = int(num_steps)
+        self.min_cfg, self.max_cfg = float(min_cfg), float(max_cfg)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def add_lora(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
+                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES, adapter_name: str = "default") -> int:
+        """Freeze the UNet and add a peft LoRA adapter (rank ``rank``, scale alpha/rank, alpha default = rank)
+        on the spatial and temporal attention projections. Returns the number of trainable parameters."""
+        from peft import LoraConfig
+
+        self.unet.requires_grad_(False)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                         init_lora_weights="gaussian", target_modules=list(target_modules))
+        self.unet.add_adapter(cfg, adapter_name=adapter_name)
+        return sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ denoiser
+
+    def denoise(
+        self,
+        x_noisy: Tensor,
+        sigma: Tensor,
+        clip_emb: Tensor,
+        cond_latent: Tensor,
+        polars_rad: Tensor,
+        azimuths_rad: Tensor,
+        cond_aug: Tensor,
+    ) -> Tensor:
+        """EDM denoiser D(x; σ): the predicted clean *scaled* latents of every frame.
+
+        Args:
+            x_noisy: [B, F, 4, h, w] noisy scaled latents x = z0 + σ·n.
+            sigma: [B] noise levels (or a scalar).
+            clip_emb: [B, 1, D] CLIP image embedding of the input view (zeros = unconditional).
+            cond_latent: [B, 4, h, w] *unscaled* VAE latent of the noise-augmented input view.
+            polars_rad: [B, F] polar angles, radians(90 - elevation).
+            azimuths_rad: [B, F] azimuths relative to the input view, radians.
+            cond_aug: [B] (or scalar) the noise-augmentation level used for ``cond_latent``.
+        Returns:
+            D: [B, F, 4, h, w], dtype of ``x_noisy``.
+        """
+        B, F = x_noisy.shape[:2]
+        if cond_latent.shape != (B, *x_noisy.shape[2:]):
+            raise ValueError(f"cond_latent must be [B, 4, h, w] = {(B, *x_noisy.shape[2:])}, got {tuple(cond_latent.shape)}")
+        D_cross = self.unet.config.cross_attention_dim
+        if clip_emb.ndim != 3 or clip_emb.shape[0] != B or clip_emb.shape[-1] != D_cross:
+            raise ValueError(f"clip_emb must be [B, 1, {D_cross}] (the UNet's cross_attention_dim), got {tuple(clip_emb.shape)}")
+        dev, dt = x_noisy.device, self.unet.dtype
+        sigma = torch.as_tensor(sigma, device=dev, dtype=torch.float32).reshape(-1).expand(B)  # [B]
+        cond_aug = torch.as_tensor(cond_aug, device=dev, dtype=torch.float32).reshape(-1).expand(B)  # [B]
+        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1, 1, 1) for c in self.edm.scalings(sigma))
+        inp = torch.cat([c_in * x_noisy.float(), cond_latent.float()[:, None].expand(B, F, *cond_latent.shape[1:])],
+                        dim=2)  # [B, F, 8, h, w]
+        ids = torch.stack([cond_aug[:, None].expand(B, F), polars_rad.to(dev).float().expand(B, F),
+                           azimuths_rad.to(dev).float().expand(B, F)], dim=-1)  # [B, F, 3], fp32
+        out = self.unet(inp.to(dt), c_noise.reshape(B), clip_emb.to(dt), ids).sample  # [B, F, 4, h, w]
+        D = c_skip * x_noisy.float() + c_out * out.float()  # [B, F, 4, h, w]
+        return D.to(x_noisy.dtype)
+
+    # ------------------------------------------------------------------ training
+
+    def training_loss(
+        self,
+        z0: Tensor,
+        clip_emb: Tensor,
+        cond_latent: Tensor,
+        polars_rad: Tensor,
+        azimuths_rad: Tensor,
+        cond_aug: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """EDM diffusion loss mean(λ(σ)·(D − z0)²), σ ~ exp(N(p_mean, p_std)).
+
+        Args:
+            z0: [B, F, 4, h, w] ground-truth scaled latents of the orbit.
+            clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug: as in :meth:`denoise`.
+            generator: optional RNG for σ, the noise and the CFG-dropout mask.
+        Returns:
+            loss (scalar), D [B, F, 4, h, w] (the prediction of z0, for L_3D), sigma [B].
+        """
+        B = z0.shape[0]
+        dev = z0.device
+        gdev = generator.device if generator is not None else dev
+        sigma = self.edm.sample_sigma(B, device=dev, generator=generator)  # [B]
+        noise = torch.randn(z0.shape, generator=generator, device=gdev, dtype=torch.float32).to(dev)
+        x = z0.float() + sigma.view(B, 1, 1, 1, 1) * noise  # [B, F, 4, h, w]
+        if self.training and self.cfg_dropout > 0:
+            keep = (torch.rand(B, generator=generator, device=gdev) >= self.cfg_dropout).to(dev)  # [B]
+            clip_emb = clip_emb * keep.view(B, 1, 1).to(clip_emb.dtype)
+            cond_latent = cond_latent * keep.view(B, 1, 1, 1).to(cond_latent.dtype)
+        D = self.denoise(x, sigma, clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug).float()
+        w = self.edm.loss_weight(sigma).view(B, 1, 1, 1, 1)
+        loss = (w * (D - z0.float()) ** 2).mean()
+        return loss, D, sigma
+
+    # ------------------------------------------------------------------ sampling
+
+    def make_scheduler(self) -> EulerDiscreteScheduler:
+        """diffusers' Euler scheduler set up as EDM: Karras sigmas in [sigma_min, sigma_max] (ρ = 7), final σ = 0.
+
+        ``prediction_type="sample"`` because :meth:`denoise` already returns D (CFG is applied to D,
+        as Stability's sampler does); the scheduler then takes the Euler step x + (x − D)/σ · (σ' − σ).
+        """
+        if self.rho != 7.0:
+            raise ValueError("SV3D: diffusers' Karras schedule uses rho = 7; other values are not supported")
+        return EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample",
+            use_karras_sigmas=True, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+            timestep_spacing="linspace", final_sigmas_type="zero",
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        clip_emb: Tensor,
+        cond_latent: Tensor,
+        polars_rad: Tensor,
+        azimuths_rad: Tensor,
+        cond_aug: Tensor | float = 1e-5,
+        num_steps: int | None = None,
+        min_cfg: float | None = None,
+        max_cfg: float | None = None,
+        latents: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> Tensor:
+        """Generate the orbit's scaled latents with Euler EDM and triangle CFG.
+
+        Args:
+            clip_emb: [B, 1, D]; cond_latent: [B, 4, h, w] unscaled; polars_rad, azimuths_rad: [B, F].
+            cond_aug: [B] or scalar (SV3D inference: 1e-5).
+            num_steps, min_cfg, max_cfg: override the constructor's defaults.
+            latents: optional [B, F, 4, h, w] unit-variance starting noise (scaled by σ_max here).
+            progress: show a tqdm bar over the steps.
+        Returns:
+            [B, F, 4, h, w] scaled latents (decode with ``VAE.decode``). As in Stability's script, the
+            caller may replace the last (input-view) frame with the input image after decoding.
+        """
+        from tqdm.auto import tqdm
+
+        B, F = azimuths_rad.shape
+        h, w = cond_latent.shape[-2:]
+        dev = cond_latent.device
+        sched = self.make_scheduler()
+        sched.set_timesteps(num_steps or self.num_steps, device=dev)
+        sched.set_begin_index(0)  # timesteps above the beta schedule's range repeat; index by position
+        sigmas = sched.sigmas.to(dev)  # [S+1], last = 0
+        if latents is None:
+            gdev = generator.device if generator is not None else dev
+            latents = torch.randn(B, F, 4, h, w, generator=generator, device=gdev).to(dev)
+        x = latents.float() * sigmas[0]  # [B, F, 4, h, w]
+
+        scales = triangle_cfg_scales(F, self.min_cfg if min_cfg is None else min_cfg,
+                                     self.max_cfg if max_cfg is None else max_cfg).to(dev)  # [F]
+        use_cfg = bool((scales > 1.0).any())
+        cond_aug = torch.as_tensor(cond_aug, device=dev, dtype=torch.float32).reshape(-1).expand(B)
+        if use_cfg:  # one UNet call on [uncond; cond]
+            c_emb = torch.cat([torch.zeros_like(clip_emb), clip_emb])
+            c_lat = torch.cat([torch.zeros_like(cond_latent), cond_latent])
+            pol, azi, aug = (torch.cat([v, v]) for v in (polars_rad, azimuths_rad, cond_aug))
+        else:
+            c_emb, c_lat, pol, azi, aug = clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug
+
+        for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="SV3D sampling")):
+            sched.scale_model_input(x, t)  # bookkeeping only; denoise() applies c_in itself
+            sigma = sigmas[i].expand(B)
+            if use_cfg:
+                D_u, D_c = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), c_emb, c_lat, pol, azi,
+                                        aug).float().chunk(2)
+                D = D_u + scales.view(1, F, 1, 1, 1) * (D_c - D_u)  # [B, F, 4, h, w]
+            else:
+                D = self.denoise(x, sigma, c_emb, c_lat, pol, azi, aug).float()
+            x = sched.step(D, t, x).prev_sample.float()
+        return x
+
+    @staticmethod
+    def orbit_angles(batch: int, num_frames: int = 21, elevation_deg: float | Tensor = 0.0,
+                     device=None) -> tuple[Tensor, Tensor]:
+        """SV3D's (polars_rad [B, F], azimuths_rad [B, F]) for a fixed-elevation orbit, last frame = input."""
+        az = torch.deg2rad(torch.linspace(0.0, 360.0, num_frames + 1, dtype=torch.float64)[1:] % 360.0).float()
+        el = torch.as_tensor(elevation_deg, dtype=torch.float32).reshape(-1, 1).expand(batch, num_frames)
+        pol = torch.deg2rad(90.0 - el)
+        return pol.to(device).contiguous(), az.expand(batch, num_frames).to(device).contiguous()
+
