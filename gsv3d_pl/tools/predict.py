@@ -1,0 +1,322 @@
+"""``gsv3d predict``: one image (or a folder, or a text prompt) -> 3D Gaussians.
+
+    gsv3d predict --config configs/distill/tiny.yaml --ckpt_path runs/distill_tiny/checkpoints/last.ckpt \\
+        --image object.png [--elevation 10] [--out outputs/object]
+    gsv3d predict --config CFG --ckpt_path C --image folder/            # one output folder per image
+    gsv3d predict --config CFG --ckpt_path C --prompt "a red teapot" --t2i_pipeline /path/to/sd-pipeline
+
+Each output folder holds gaussians.ply, turntable.mp4 (.gif without ffmpeg), views.png (the 21 SV3D frames),
+renders.png + depth.png (the Gaussians at those cameras) and input.png. Folders are written atomically:
+a failure leaves nothing behind. Input images are validated before the model is built, so bad input fails
+in a second.
+
+Exit status: 0 all done; 1 some input failed (each is named on stderr); 2 usage / config / weights errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "load_stage", "load_checkpoint"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gsv3d predict",
+        description="Image (or text) -> 3D Gaussians with SV3D (+LoRA) and the GS decoder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", action="append", required=True,
+                   help="a distill config (SV3D + VAE + CLIP + DINO + decoder); repeat to overlay files")
+    p.add_argument("--ckpt_path", default=None,
+                   help="DistillStage checkpoint (LoRA weights); omitted = SV3D without LoRA")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="an image file or a folder of images (RGBA, or RGB on a plain background)")
+    src.add_argument("--prompt", help="text -> image with --t2i_pipeline, then image -> 3D")
+    p.add_argument("--t2i_pipeline", default=None, help="local diffusers text-to-image pipeline folder (for --prompt)")
+    p.add_argument("--t2i_steps", type=int, default=30)
+    p.add_argument("--t2i_guidance", type=float, default=7.5)
+    p.add_argument("--t2i_size", type=int, default=None, help="generated image size (default: the pipeline's)")
+    p.add_argument("--prompt_suffix", default=", a single object centered on a plain white background",
+                   help="appended to --prompt so the object can be cut out from its background")
+    p.add_argument("--negative_prompt", default="cluttered background, multiple objects, cropped")
+    p.add_argument("--out", default=None,
+                   help="output folder (default outputs/<image stem>; for a folder input, one subfolder per image)")
+    p.add_argument("--elevation", type=float, default=10.0, help="elevation of the input view, degrees")
+    p.add_argument("--num_steps", type=int, default=None, help="SV3D sampling steps (default: the model's, 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input_views", default=None,
+                   help="comma-separated orbit frames for the decoder, e.g. 4,9,15,20 (default: N evenly spaced)")
+    p.add_argument("--resolution", type=int, default=None, help="model resolution (default: the config's data)")
+    p.add_argument("--foreground_ratio", type=float, default=None,
+                   help="object size / frame size after recentring (default 0.85, as in the training renders)")
+    p.add_argument("--alpha_mode", choices=("auto", "alpha", "border", "none"), default="auto",
+                   help="auto: alpha channel, else a plain background's colour; none: use the whole image")
+    p.add_argument("--turntable_frames", type=int, default=60)
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
+    p.add_argument("--render_size", type=int, default=None, help="turntable/render size (default: the resolution)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return s[:max_len] or "prompt"
+
+
+def load_stage(configs: list[str]):
+    """Build the LightningModule (and read the data settings) of ``configs`` via the project's LightningCLI.
+
+    Returns:
+        (stage, settings): settings holds what the datamodule defines and inference must match, where the
+        config has it: ``resolution``, ``radius``, ``fov_deg``, ``num_input_views``, ``eval_input_indices``.
+    """
+    from gsv3d_pl.cli import build_cli
+
+    args: list[str] = []
+    for c in configs:
+        if not Path(c).is_file():
+            raise FileNotFoundError(f"--config {c}: no such file")
+        args += ["--config", str(c)]
+    # No loggers: inference must not create empty version_N folders (and config/hparams files) in the run folder.
+    cli = build_cli(args=[*args, "--trainer.logger=false"], run=False)
+    dm = getattr(cli, "datamodule", None)
+    render_cfg = getattr(dm, "render_cfg", None) or {}
+    settings = {}
+    for key in ("resolution", "num_input_views", "eval_input_indices"):
+        if getattr(dm, key, None) is not None:
+            settings[key] = getattr(dm, key)
+    for key in ("radius", "fov_deg"):
+        if render_cfg.get(key) is not None:
+            settings[key] = render_cfg[key]
+    return cli.model, settings
+
+
+def load_checkpoint(stage, ckpt_path: str) -> dict:
+    """Load a DistillStage checkpoint (the LoRA weights) into ``stage``; clear errors for the wrong file."""
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file (a DistillStage .ckpt, e.g. "
+                                "runs/distill_tiny/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--ckpt_path {ckpt_path}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"--ckpt_path {ckpt_path}: no 'state_dict'; it is not a Lightning checkpoint")
+    meta = ckpt.get("gsv3d", {}) if isinstance(ckpt.get("gsv3d"), dict) else {}
+    if meta.get("stage") == "decoder":
+        raise ValueError(f"--ckpt_path {ckpt_path} is a stage-1 (decoder) checkpoint; predict takes a stage-2 "
+                         "(distill) checkpoint. The decoder itself comes from the distill config's "
+                         "model.init_args.decoder_ckpt; omit --ckpt_path to run SV3D without LoRA.")
+    if hasattr(stage, "on_load_checkpoint"):
+        stage.on_load_checkpoint(ckpt)  # e.g. LoRA trained on another base UNet
+    try:
+        stage.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--ckpt_path {ckpt_path} does not match the model built from --config: {e}") from None
+    return meta
+
+
+def _image_jobs(args) -> tuple[list[tuple[Path, Path]], Path | None]:
+    """[(image, output folder)] for --image, and the output root that a folder input creates."""
+    from gsv3d_pl.inference import list_images
+
+    src = Path(args.image)
+    if src.is_dir():
+        images = list_images(src)
+        if not images:
+            raise FileNotFoundError(f"--image {src}: the folder holds no images ({', '.join(_suffixes())})")
+        root = Path(args.out) if args.out else Path("outputs") / src.name
+        stems = [p.stem for p in images]
+        # Two files with one stem (a.png, a.jpg) would share an output folder: keep the suffix then.
+        return [(p, root / (p.stem if stems.count(p.stem) == 1 else p.name)) for p in images], root
+    return [(src, Path(args.out) if args.out else Path("outputs") / src.stem)], None
+
+
+def _suffixes() -> tuple[str, ...]:
+    from gsv3d_pl.inference import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gsv3d_pl.inference import ImageInputError, preprocess_image
+
+    if args.prompt is not None and not args.t2i_pipeline:
+        _err("--prompt needs --t2i_pipeline <local diffusers text-to-image folder>")
+        return 2
+    if args.turntable_frames < 1:
+        _err(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
+        return 2
+    input_views = None
+    if args.input_views:
+        try:
+            input_views = [int(v) for v in args.input_views.split(",")]
+        except ValueError:
+            _err(f"--input_views must be comma-separated integers, got {args.input_views!r}")
+            return 2
+
+    # 1. Cheap checks first: bad images, an existing output folder or missing weights fail before the model loads.
+    jobs: list[tuple[Path, Path]] = []
+    root = None
+    if args.image is not None:
+        try:
+            jobs, root = _image_jobs(args)
+        except FileNotFoundError as e:
+            _err(str(e))
+            return 2
+        if not Path(args.image).exists():
+            _err(f"--image {args.image}: no such file or folder")
+            return 1
+    else:
+        from gsv3d_pl.weights import MissingWeightsError, WeightSpec
+
+        t2i = Path(args.t2i_pipeline).expanduser()
+        if not (t2i / "model_index.json").is_file():
+            _err(str(MissingWeightsError(WeightSpec(
+                name="text-to-image diffusers pipeline (for --prompt)", config_key="--t2i_pipeline", explicit=t2i,
+                source="a folder written by DiffusionPipeline.save_pretrained (model_index.json + components), "
+                       "e.g. stabilityai/stable-diffusion-2-1-base downloaded on a machine with network access"))))
+            return 2
+        out = Path(args.out) if args.out else Path("outputs") / _slug(args.prompt)
+        jobs = [(Path(f"<prompt: {args.prompt}>"), out)]
+    if not args.overwrite:
+        existing = [str(o) for _, o in jobs if o.exists()]
+        if existing:
+            _err(f"output folder(s) exist: {', '.join(existing[:5])}; pass --overwrite or choose another --out")
+            return 2
+
+    failures: list[str] = []
+    failed: set[Path] = set()
+    if args.image is not None:
+        # Validate every image before the (slow) model build, at a small size: the checks (file, mode, size,
+        # foreground) do not depend on the model's resolution.
+        for img_path, _ in jobs:
+            try:
+                preprocess_image(img_path, 64, args.foreground_ratio, alpha_mode=args.alpha_mode)
+            except ImageInputError as e:
+                failures.append(str(e))
+                failed.add(img_path)
+                _err(str(e))
+        if len(failed) == len(jobs):
+            return 1
+    jobs = [(p, o) for p, o in jobs if p not in failed]
+    root_existed = root is not None and root.exists()
+
+    # 2. The model.
+    import torch
+
+    from gsv3d_pl.inference import ImageTo3D, text_to_image, write_prediction
+    from gsv3d_pl.weights import MissingWeightsError
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    t0 = time.perf_counter()
+    try:
+        stage, settings = load_stage(args.config)
+        if getattr(stage, "sv3d", None) is None:
+            _err(f"--config {' '.join(args.config)} builds a {type(stage).__name__} without SV3D: predict needs a "
+                 "distill config (e.g. configs/distill/tiny.yaml), which holds SV3D, the encoders and the "
+                 "stage-1 decoder (model.init_args.decoder_ckpt)")
+            return 2
+        if args.ckpt_path:
+            load_checkpoint(stage, args.ckpt_path)
+        else:
+            print("note: no --ckpt_path: SV3D runs without distilled LoRA weights", file=sys.stderr)
+    except MissingWeightsError as e:
+        _err(str(e))
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        _err(str(e))
+        return 2
+    stage = stage.to(device).eval()
+    resolution = int(args.resolution or settings.get("resolution") or 0)
+    if resolution <= 0:
+        _err("the config has no data.init_args.resolution; pass --resolution")
+        return 2
+    kw = {"radius": float(settings.get("radius", 2.0)), "fov_deg": float(settings.get("fov_deg", 33.8))}
+    if input_views is not None:
+        kw["input_indices"] = input_views
+    elif getattr(stage, "num_input_views", None) is None and settings.get("eval_input_indices"):
+        kw["input_indices"] = list(settings["eval_input_indices"])  # the frames the decoder was validated on
+    elif getattr(stage, "num_input_views", None) is None and settings.get("num_input_views"):
+        kw["num_input_views"] = int(settings["num_input_views"])
+    try:
+        pipe = ImageTo3D.from_stage(stage, num_steps=args.num_steps, **kw)
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    if not args.quiet:
+        print(f"model loaded in {time.perf_counter() - t0:.1f}s on {device}; resolution {resolution}, "
+              f"decoder frames {pipe.input_indices}", file=sys.stderr)
+
+    # 3. Text -> image.
+    preprocessed: dict[Path, tuple] = {}
+    if args.prompt is not None:
+        try:
+            pil = text_to_image(args.prompt + (args.prompt_suffix or ""), args.t2i_pipeline, args.t2i_steps,
+                                args.t2i_guidance, args.t2i_size, args.negative_prompt, args.seed, device)
+        except MissingWeightsError as e:
+            _err(str(e))
+            return 2
+        name = jobs[0][0]
+        try:
+            image, alpha = preprocess_image(pil, resolution, args.foreground_ratio, alpha_mode=args.alpha_mode,
+                                            name=str(name))
+        except ImageInputError as e:
+            if args.alpha_mode != "auto":
+                _err(str(e))
+                return 1
+            # A generated image may not have a plain background; use it whole rather than fail.
+            print(f"warning: {e}\nwarning: using the whole generated image as the object (--alpha_mode none)",
+                  file=sys.stderr)
+            image, alpha = preprocess_image(pil, resolution, args.foreground_ratio, alpha_mode="none",
+                                            name=str(name))
+        preprocessed[name] = (image, alpha)
+
+    # 4. Image -> 3D, one atomic output folder each.
+    from tqdm.auto import tqdm
+
+    for img_path, out_dir in tqdm(jobs, desc="images", disable=args.quiet or len(jobs) < 2):
+        try:
+            if img_path in preprocessed:  # the generated image
+                image, alpha = preprocessed.pop(img_path)
+            else:
+                image, alpha = preprocess_image(img_path, resolution, args.foreground_ratio, alpha_mode=args.alpha_mode)
+            t1 = time.perf_counter()
+            pred = pipe(image, alpha, elevation_deg=args.elevation, seed=args.seed, progress=not args.quiet)
+            files = write_prediction(pred, out_dir, args.turntable_frames, args.fps, args.render_size,
+                                     args.video_format, background=pipe.background, overwrite=args.overwrite,
+                                     backend=getattr(stage, "render_backend", "auto"))
+        except ImageInputError as e:
+            failures.append(str(e))
+            _err(str(e))
+            continue
+        if not args.quiet:
+            print(f"{img_path} -> {out_dir}/ ({pred.gaussians.num_gaussians:,} Gaussians, "
+                  f"{time.perf_counter() - t1:.1f}s): {', '.join(p.name for p in files.values())}", file=sys.stderr)
+    if root is not None and not root_existed and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()  # a folder run where every image failed leaves nothing
+    if failures:
+        _err(f"{len(failures)} input(s) failed (see above)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
