@@ -1,0 +1,304 @@
+"""Evaluation callbacks: appearance (PSNR, SSIM, LPIPS, FID, KID, CLIP-IQA) and geometry (CD, IoU, F-Score).
+
+Both consume what ``test_step`` (and ``validation_step``) return (contract 5)::
+
+    pred_images [B, V, 3, H, W], gt_images [B, V, 3, H, W], pred_alphas / pred_depths [B, V, 1, H, W],
+    eval_c2w [B, V, 4, 4], eval_K [B, V, 3, 3], gaussians (Gaussians, batch [B])
+
+plus the batch (contract 4: ``uid``, ``mesh_path``, ``norm_center`` [B, 3], ``norm_scale`` [B]).
+
+Design:
+- The metric networks live in the callback (built in ``setup``), never in the LightningModule, so they
+  never end up in checkpoints; ``state_dict`` of the callbacks is empty.
+- Scores are kept *per object* (keyed by uid). At epoch end **every rank** gathers all ranks' records
+  (``all_gather_object``), drops duplicate uids (DistributedSampler pads the last batch with repeats),
+  and computes the same numbers; rank 0 writes them. So a DDP evaluation equals a 1-process one.
+- ``gsv3d test`` writes ``metrics.json``, ``metrics.csv`` and ``results.md`` into
+  ``trainer.default_root_dir`` (see :mod:`gsv3d_pl.metrics.results`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import uuid
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh
+from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
+from gsv3d_pl.metrics.results import merge_metrics
+from gsv3d_pl.weights import register
+
+__all__ = ["AppearanceMetrics", "GeometryMetrics", "gather_records"]
+
+_REQUIRED_OUT = ("pred_images", "gt_images", "pred_alphas", "pred_depths", "eval_c2w", "eval_K", "gaussians")
+
+
+def gather_records(records: dict[str, dict]) -> dict[str, dict]:
+    """All ranks' per-object records merged (first occurrence of a uid wins), on every rank.
+
+    A collective call under torch.distributed: every rank must call it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, records)
+    else:
+        parts = [records]
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for uid, rec in part.items():
+            merged.setdefault(uid, rec)
+    return dict(sorted(merged.items()))
+
+
+def _eval_id(trainer: pl.Trainer) -> str:
+    """One id per evaluation run, shared by all metric callbacks of the trainer (rank 0 writes it)."""
+    eid = getattr(trainer, "_gsv3d_eval_id", None)
+    if eid is None:
+        eid = uuid.uuid4().hex
+        trainer._gsv3d_eval_id = eid
+    return eid
+
+
+def _config_paths() -> str | None:
+    """The ``--config`` files of the command line (LightningCLI), comma-separated."""
+    argv, out = sys.argv, []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return ",".join(out) or None
+
+
+def _check_outputs(outputs: Any, who: str) -> dict:
+    if not isinstance(outputs, dict) or any(k not in outputs for k in _REQUIRED_OUT):
+        have = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise KeyError(f"{who}: test_step/validation_step must return a dict with keys {list(_REQUIRED_OUT)} "
+                       f"(contract 5); got {have}")
+    return outputs
+
+
+def _uids(batch: dict, n: int) -> list[str]:
+    uid = batch.get("uid") if isinstance(batch, dict) else None
+    if uid is None:
+        raise KeyError("metric callbacks: the batch has no 'uid' key (contract 4); it identifies objects across ranks")
+    return [str(u) for u in (uid if isinstance(uid, (list, tuple)) else [uid] * n)]
+
+
+def _stat(values: list[float], n_obj: int, n_views: int) -> dict:
+    v = float(np.mean(values)) if values else float("nan")
+    return {"value": v, "num_objects": int(n_obj), "num_views": int(n_views)}
+
+
+class _EvalCallback(pl.Callback):
+    """Shared plumbing: per-object records for the current test/validation epoch, gather, write."""
+
+    def __init__(self, on_validation: bool = False, write_results: bool = True):
+        super().__init__()
+        self.on_validation = on_validation
+        self.write_results = write_results
+        self._records: dict[str, dict] = {}
+        self.last_metrics: dict[str, dict] = {}
+
+    # subclasses implement these two
+    def _object_records(self, outputs: dict, batch: dict, device: torch.device) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def _aggregate(self, records: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+        raise NotImplementedError
+
+    def _update(self, pl_module, outputs, batch) -> None:
+        outputs = _check_outputs(outputs, type(self).__name__)
+        for uid, rec in self._object_records(outputs, batch, pl_module.device).items():
+            self._records.setdefault(uid, rec)
+
+    def _finish(self, trainer: pl.Trainer) -> tuple[dict, dict]:
+        records = gather_records(self._records)  # collective: every rank
+        self._records = {}
+        metrics, meta = self._aggregate(records)
+        self.last_metrics = metrics
+        return metrics, meta
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._records = {}
+        _eval_id(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(pl_module, outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        metrics, meta = self._finish(trainer)
+        if self.write_results and trainer.is_global_zero:
+            meta = {**meta, "eval_id": _eval_id(trainer), "ckpt_path": trainer.ckpt_path, "config": _config_paths()}
+            merge_metrics(trainer.default_root_dir, metrics, meta)
+            rank_zero_info(f"{type(self).__name__}: " + ", ".join(
+                f"{k}={v['value']:.4f}" for k, v in metrics.items()) + f" -> {trainer.default_root_dir}/metrics.json")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._records = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self._update(pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.on_validation or trainer.sanity_checking:
+            return
+        metrics, _ = self._finish(trainer)
+        # Identical on every rank after the gather, so no further reduction is needed.
+        for k, v in metrics.items():
+            if math.isfinite(v["value"]):
+                pl_module.log(f"val/{k}", v["value"], sync_dist=False, rank_zero_only=False)
+
+
+class AppearanceMetrics(_EvalCallback):
+    """PSNR, SSIM, LPIPS, FID, KID and CLIP-IQA of the rendered novel views vs the GT views.
+
+    Args:
+        mode: "pretrained" (published networks from local files) or "smoke" (random-init, pipeline check).
+        lpips_backbone_path, inception_path, clip_iqa_path: explicit local weight files; default: the
+            standard caches ($TORCH_HOME/hub/checkpoints, the HF cache). See ``gsv3d weights``.
+        clip_iqa_model: open_clip model name for CLIP-IQA ("RN50-quickgelu" = OpenAI RN50).
+        kid_subset_size, kid_subsets: KID's subset size (capped at the number of views) and count.
+        on_validation: also compute (and log as ``val/<metric>``) during validation.
+        write_results: write metrics.json/csv and results.md at the end of ``test``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "pretrained",
+        lpips_backbone_path: str | None = None,
+        inception_path: str | None = None,
+        clip_iqa_path: str | None = None,
+        clip_iqa_model: str = "RN50-quickgelu",
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        on_validation: bool = False,
+        write_results: bool = True,
+    ):
+        super().__init__(on_validation, write_results)
+        self.mode = mode
+        self.kwargs = dict(mode=mode, lpips_backbone_path=lpips_backbone_path, inception_path=inception_path,
+                           clip_iqa_path=clip_iqa_path, clip_iqa_model=clip_iqa_model,
+                           kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
+        self._metrics = None  # built in setup: never an attribute of the LightningModule
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage in ("test", "validate") or self.on_validation:
+            if self._metrics is None:  # raises MissingWeightsError listing every missing file, at start
+                self._metrics = build_image_metrics(**self.kwargs, key_prefix="trainer.callbacks[*].init_args.")
+
+    @torch.no_grad()
+    def _object_records(self, outputs, batch, device):
+        # The module reaches its device after the callbacks' setup, so follow it here.
+        if next(self._metrics.parameters()).device != device:
+            self._metrics.to(device)
+        pred, gt = outputs["pred_images"], outputs["gt_images"]  # [B, V, 3, H, W]
+        B = pred.shape[0]
+        recs = {}
+        for b, uid in enumerate(_uids(batch, B)):
+            p, g = pred[b].to(device), gt[b].to(device)  # [V, 3, H, W]
+            s = self._metrics.per_image(p, g)  # dict of [V]
+            recs[uid] = {
+                **{k: v.double().cpu().numpy() for k, v in s.items()},
+                "fake": self._metrics.features(p).cpu(),  # [V, d]
+                "real": self._metrics.features(g).cpu(),  # [V, d]
+            }
+        return recs
+
+    def _aggregate(self, records):
+        n_obj = len(records)
+        if n_obj == 0:
+            return {}, {"smoke": self.mode == "smoke"}
+        n_views = int(sum(len(r["psnr"]) for r in records.values()))
+        out = {}
+        for k in ("psnr", "ssim", "lpips", "clip_iqa"):  # mean over all (object, view) images
+            out[k] = _stat(list(np.concatenate([r[k] for r in records.values()])), n_obj, n_views)
+        real = torch.cat([r["real"] for r in records.values()])  # [n_views, d]
+        fake = torch.cat([r["fake"] for r in records.values()])
+        fid, kid, kid_std = self._metrics.fid_kid(real, fake)
+        out["fid"] = {"value": fid, "num_objects": n_obj, "num_views": n_views}
+        out["kid"] = {"value": kid, "num_objects": n_obj, "num_views": n_views}
+        meta = {"smoke": self.mode == "smoke", "appearance_mode": self.mode, "kid_std": kid_std,
+                "kid_subset_size": min(self.kwargs["kid_subset_size"], n_views)}
+        return out, meta
+
+
+class GeometryMetrics(_EvalCallback):
+    """Chamfer distance, volume IoU and F-Score@τ of the predicted Gaussians vs the GT mesh (unit-bbox frame).
+
+    Args:
+        tau: F-Score threshold in unit-bbox units (0.05 = 5% of the largest bbox side).
+        num_gt_points: points sampled on the GT surface (fixed seed).
+        num_pred_points: cap on back-projected predicted points (uniform subsample, fixed seed); None = all.
+        alpha_threshold: pixels with rendered alpha above it are back-projected.
+        iou_resolution: voxels per axis of the IoU grid over [-0.5, 0.5]³.
+        density_threshold: Gaussian density level of the predicted surface shell.
+        mesh_occupancy_method: "parity" (default) or "winding"; see ``gsv3d_pl.metrics.geometry.mesh_occupancy``.
+        on_validation, write_results: as for :class:`AppearanceMetrics`.
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.05,
+        num_gt_points: int = 100_000,
+        num_pred_points: int | None = 100_000,
+        alpha_threshold: float = 0.5,
+        iou_resolution: int = 64,
+        density_threshold: float = 0.5,
+        mesh_occupancy_method: str = "parity",
+        on_validation: bool = False,
+        write_results: bool = True,
+    ):
+        super().__init__(on_validation, write_results)
+        self.tau = tau
+        self.kwargs = dict(tau=tau, num_gt_points=num_gt_points, num_pred_points=num_pred_points,
+                           alpha_threshold=alpha_threshold, iou_resolution=iou_resolution,
+                           density_threshold=density_threshold, mesh_occupancy_method=mesh_occupancy_method)
+
+    @torch.no_grad()
+    def _object_records(self, outputs, batch, device):
+        for key in ("mesh_path", "norm_center", "norm_scale"):
+            if key not in batch:
+                raise KeyError(f"GeometryMetrics: the batch has no {key!r} (contract 4); it is needed to load the "
+                               "GT mesh in the unit-bbox frame")
+        depth, alpha = outputs["pred_depths"], outputs["pred_alphas"]  # [B, V, 1, H, W]
+        B = depth.shape[0]
+        recs = {}
+        for b, uid in enumerate(_uids(batch, B)):
+            mesh = load_normalized_mesh(batch["mesh_path"][b], batch["norm_center"][b], batch["norm_scale"][b])
+            g = outputs["gaussians"][b]
+            res = evaluate_geometry(
+                depth[b, :, 0].float(), alpha[b, :, 0].float(), outputs["eval_c2w"][b].float(),
+                outputs["eval_K"][b].float(), g.detach(), mesh, **self.kwargs,
+            )
+            recs[uid] = {**res, "num_views": int(depth.shape[1])}
+        return recs
+
+    def _aggregate(self, records):
+        n_obj = len(records)
+        meta = {"fscore_tau": self.tau}
+        if n_obj == 0:
+            return {}, meta
+        n_views = int(sum(r["num_views"] for r in records.values()))
+        out = {k: _stat([r[k] for r in records.values()], n_obj, n_views) for k in ("chamfer", "iou", "fscore")}
+        meta.update({
+            "num_non_watertight": int(sum(1 - r["watertight"] for r in records.values())),
+            "geometry": {k: self.kwargs[k] for k in ("num_gt_points", "num_pred_points", "alpha_threshold",
+                                                     "iou_resolution", "density_threshold",
+                                                     "mesh_occupancy_method")},
+        })
+        return out, meta
+
+
+@register("callbacks.metrics.AppearanceMetrics")
+def _appearance_specs(init_args: dict) -> list:
+    a = init_args or {}
+    return image_metric_weight_specs(a.get("mode", "pretrained"), a.get("lpips_backbone_path"),
+                                     a.get("inception_path"), a.get("clip_iqa_path"))

@@ -1,0 +1,33 @@
+"""Evaluation metrics: geometry (Chamfer, F-Score, volume IoU), the image-metric factory, result files.
+
+``gsv3d_pl.metrics.image`` pulls in torchmetrics/open_clip: import it (or ``build_image_metrics``) explicitly.
+"""
+
+from gsv3d_pl.metrics.geometry import (
+    chamfer_distance,
+    depth_to_points,
+    evaluate_geometry,
+    f_score,
+    gaussian_occupancy,
+    load_normalized_mesh,
+    mesh_occupancy,
+    sample_surface,
+    volume_iou,
+)
+from gsv3d_pl.metrics.results import METRIC_KEYS, PAPER_ROWS, merge_metrics, results_markdown
+
+__all__ = [
+    "chamfer_distance",
+    "f_score",
+    "volume_iou",
+    "depth_to_points",
+    "gaussian_occupancy",
+    "mesh_occupancy",
+    "load_normalized_mesh",
+    "sample_surface",
+    "evaluate_geometry",
+    "METRIC_KEYS",
+    "PAPER_ROWS",
+    "merge_metrics",
+    "results_markdown",
+]
