@@ -1,7 +1,8 @@
 """Forward+backward time and peak memory of the rasterizer backends.
 
-Compares the project's torch backend (``gsv3d_pl.render``, tiled pair compositing), a straightforward dense torch
-implementation written here as the baseline ([C, N, H·W] alpha matrix + cumprod), and gsplat when CUDA is present.
+Compares the project's torch backend with its two CPU compositors (``numba``: compiled kernels, the default on CPU;
+``torch``: pure-PyTorch tiled pair compositing), a straightforward dense torch implementation written here as the
+baseline ([C, N, H·W] alpha matrix + cumprod), and gsplat when CUDA is present.
 
 Scenes: N Gaussians on the surface of a sphere of radius 0.4 (so pixels see several overlapping layers, as with a
 decoded object), scales log-uniform so that footprints have a radius of a few pixels at the given resolution,
@@ -35,6 +36,7 @@ sys.path.insert(0, REPO)
 
 from gsv3d_pl.cameras import orbit_cameras  # noqa: E402
 from gsv3d_pl.render import project_gaussians, rasterize  # noqa: E402
+from gsv3d_pl.render.numba_backend import numba_available, rasterize_numba  # noqa: E402
 from gsv3d_pl.render.torch_backend import rasterize_torch  # noqa: E402
 
 
@@ -92,9 +94,10 @@ def _step(backend: str, scene, viewmats, Ks, res: int, stats: dict | None = None
     ins = [x.clone().requires_grad_(True) for x in scene]
     if backend == "dense":
         rgb, a, d = dense_rasterize(*ins, viewmats, Ks, res, res)
-    elif backend == "torch":
-        rgb, a, d = rasterize_torch(*(x[None] for x in ins), viewmats[None], Ks[None], res, res,
-                                    backgrounds=torch.ones(1, len(viewmats), 3, device=viewmats.device), stats=stats)
+    elif backend in ("torch", "numba"):
+        fn = rasterize_numba if backend == "numba" else rasterize_torch
+        rgb, a, d = fn(*(x[None] for x in ins), viewmats[None], Ks[None], res, res,
+                       backgrounds=torch.ones(1, len(viewmats), 3, device=viewmats.device), stats=stats)
     else:
         rgb, a, d = rasterize(*ins, viewmats, Ks, res, res, backend="gsplat")
     (rgb.mean() + a.mean() + d.mean()).backward()
@@ -108,7 +111,7 @@ def measure(backend: str, n: int, views: int, res: int, repeats: int, radius_px:
     torch.manual_seed(0)
     scene, vm, K = make_scene(n, views, res, radius_px, device=device)
     small = make_scene(max(n // 4, 1), views, max(res // 2, 8), radius_px, device=device)
-    _step(backend, *small, max(res // 2, 8))  # warm-up (lazy init, thread pools) on a smaller scene
+    _step(backend, *small, max(res // 2, 8))  # warm-up (lazy init, thread pools, numba cache load) on a smaller scene
     stats: dict = {}
     if device == "cuda":
         torch.cuda.synchronize()
@@ -160,17 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.quick else args.repeats
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {devices}", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {devices}, "
+          f"load average {os.getloadavg()}", flush=True)
+    cpu_kernels = ["numba"] * numba_available() + ["torch"]
+    if numba_available():  # compile / load the kernels from the on-disk cache before any timing
+        run_sub("numba", 64, 2, 16, 1)
     sizes = [("small", 4096, 8, 64)] + ([] if args.quick else [("large", 32768, 8, 256),
                                                                ("train step", 8192, 25, 64)])
     for name, n, views, res in sizes:
         for device in devices:
-            backends = ["torch"] + (["gsplat"] if device == "cuda" else [])
+            backends = list(cpu_kernels) if device == "cpu" else ["torch", "gsplat"]
             if device == "cpu" and name == "small":
                 backends.append("dense")
             for b in backends:
                 r = run_sub(b, n, views, res, reps if name != "large" or b != "torch" else max(2, reps // 2),
                             device=device)
+                if device == "cuda" and b == "torch":
+                    r["backend"] = "torch (pytorch compositor)"
                 r["size"] = name
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -180,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                              "estimated": True})
     lin = []
     if not args.quick:
-        for n in (4096, 8192, 16384):
-            r = run_sub("torch", n, 8, 128, reps)
-            r["size"] = "linearity"
-            lin.append(r)
-            print(json.dumps(r), flush=True)
+        for b in cpu_kernels:
+            for n in (4096, 8192, 16384):
+                r = run_sub(b, n, 8, 128, reps)
+                r["size"] = "linearity"
+                lin.append(r)
+                print(json.dumps(r), flush=True)
 
     print("\n| size | backend | device | views x res² x N | fwd+bwd (median) | peak memory | pairs evaluated |")
     print("|---|---|---|---|---|---|---|")
@@ -194,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         pairs = f"{r['pairs'] / 1e6:.2f} M (t={r['tile']})" if r.get("pairs") else ""
         print(f"| {r['size']} | {r['backend']} | {r['device']} | {r['views']} x {r['res']}² x {r['n']} | {t} | "
               f"{mem} | {pairs} |")
-    small = {r["backend"]: r for r in rows if r["size"] == "small" and r["device"] == "cpu"}
-    if "dense" in small and "torch" in small:
-        print(f"\nsmall: torch backend is {small['dense']['time_s'] / small['torch']['time_s']:.1f}x faster than dense")
-    if lin:
-        per = [r["time_s"] / r["pairs"] * 1e9 for r in lin]
-        print("linearity: ns per evaluated pair = " + ", ".join(f"{x:.1f}" for x in per))
+    for size in ("small", "large", "train step"):
+        by = {r["backend"]: r for r in rows if r["size"] == size and r["device"] == "cpu" and r.get("time_s")}
+        for fast in ("numba", "torch"):
+            for slow in ("torch", "dense"):
+                if fast != slow and fast in by and slow in by:
+                    print(f"{size}: {fast} is {by[slow]['time_s'] / by[fast]['time_s']:.1f}x faster than {slow}")
+    for b in cpu_kernels:
+        per = [r["time_s"] / r["pairs"] * 1e9 for r in lin if r["backend"] == b and r.get("pairs")]
+        if per:
+            print(f"linearity ({b}): ns per evaluated pair = " + ", ".join(f"{x:.1f}" for x in per))
+    print(f"load average at the end {os.getloadavg()} (shared machine: timings are upper bounds)")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 TOOLS: dict[str, tuple[str, str]] = {
@@ -21,17 +22,52 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
+def _reroot(value, root: str):
+    """A relative path is taken relative to ``root`` (trainer.default_root_dir); absolute paths stay."""
+    if value is None or root is None:
+        return value
+    p = Path(str(value))
+    return value if p.is_absolute() else str(Path(root) / p)
+
+
+def reroot_run_paths(trainer_cfg) -> None:
+    """Make checkpoint and logger folders follow ``trainer.default_root_dir``.
+
+    In the configs, ``ModelCheckpoint.dirpath`` and each logger's ``save_dir`` are written relative
+    (``checkpoints``, ``.``): they are resolved here against the final ``default_root_dir``, so
+    ``--trainer.default_root_dir runs/X`` (a sweep task, a user's run) moves the whole run folder.
+    """
+    root = trainer_cfg.get("default_root_dir")
+    if root is None:
+        return
+    loggers = trainer_cfg.get("logger")
+    for item in loggers if isinstance(loggers, list) else [loggers]:
+        init = getattr(item, "init_args", None)
+        if init is not None and "save_dir" in init:
+            init.save_dir = _reroot(init.save_dir, root)
+    for cb in trainer_cfg.get("callbacks") or []:
+        init = getattr(cb, "init_args", None)
+        if init is not None and str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint"):
+            init.dirpath = _reroot(init.dirpath if init.get("dirpath") is not None else "checkpoints", root)
+
+
 def build_cli(args=None, run: bool = True, **kwargs):
-    """The project's LightningCLI. ``args``/``run`` as in LightningCLI (tests use ``run=False``)."""
+    """The project's LightningCLI. ``args``/``run`` as in LightningCLI (tests use ``run=False``; then
+    ``args`` has no subcommand)."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    class GSV3DCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            reroot_run_paths(cfg.trainer)
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a requeued SLURM job rewrites config.yaml
     parser_kwargs = kwargs.pop("parser_kwargs", {})
     parser_kwargs.setdefault("parser_mode", "omegaconf")
     if run:
         parser_kwargs = {"default_env": False, **parser_kwargs}
-    return LightningCLI(
+    return GSV3DCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -1,4 +1,7 @@
-"""Tests for gsv3d_pl.render: brute-force parity, gradients, orientation, batching, gsplat parity (GPU)."""
+"""Tests for gsv3d_pl.render: brute-force parity, gradients, orientation, batching, gsplat parity (GPU).
+
+Every test runs once per CPU compositor of the "torch" backend (compiled numba kernels and pure PyTorch).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,19 @@ import torch
 
 from gsv3d_pl.cameras import cameras_from_spherical, fov_to_K, look_at, orbit_cameras
 from gsv3d_pl.gaussians import Gaussians
-from gsv3d_pl.render import rasterize, rasterize_gaussians
+from gsv3d_pl.render import cpu_kernel, rasterize, rasterize_gaussians, set_cpu_kernel
+from gsv3d_pl.render.numba_backend import numba_available
+
+
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def kernel(request):
+    """Runs each test with the numba and with the pure-PyTorch CPU compositor."""
+    if request.param == "numba" and not numba_available():
+        pytest.skip("numba is not installed")
+    set_cpu_kernel(request.param)
+    assert cpu_kernel() == request.param
+    yield request.param
+    set_cpu_kernel(None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,6 +266,60 @@ def test_gradients_match_autograd_of_reference():
         assert torch.allclose(x.grad, y.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_numba_and_torch_compositors_agree(kernel):
+    """A bigger float32 scene with many overlapping layers: outputs and all parameter gradients agree."""
+    if kernel != "numba":
+        pytest.skip("compares the two compositors once")
+    W, H = 64, 48
+    scene = random_scene(3000, 51, scale=(0.005, 0.04))
+    viewmats, Ks = random_cams(5, 52, W, H)
+    bgs = torch.rand(5, 3, generator=torch.Generator().manual_seed(53))
+    outs, grads = [], []
+    for k in ("numba", "torch"):
+        set_cpu_kernel(k)
+        ins = [x.clone().requires_grad_(True) for x in scene]
+        out = rasterize(*ins, viewmats, Ks, W, H, backgrounds=bgs, backend="torch")
+        w = [torch.rand(x.shape, generator=torch.Generator().manual_seed(54 + i)) for i, x in enumerate(out)]
+        sum((x * v).sum() for x, v in zip(out, w)).backward()
+        outs.append(out)
+        grads.append([x.grad for x in ins])
+    assert outs[0][1].mean() > 0.3, "scene should cover the images"
+    for x, y in zip(*outs):
+        assert (x - y).abs().max() < 1e-4
+    for gx, gy in zip(*grads):
+        rel = (gx - gy).norm() / gy.norm()
+        assert rel < 1e-4, rel
+
+
+def test_numba_tile_sizes_agree(kernel):
+    if kernel != "numba":
+        pytest.skip("numba tile sizes")
+    from gsv3d_pl.render.numba_backend import rasterize_numba
+
+    scene = tuple(x[None].double() for x in random_scene(300, 21))
+    viewmats, Ks = (x[None].double() for x in random_cams(4, 22, 37, 29))
+    stats: dict = {}
+    ref = rasterize_numba(*scene, viewmats, Ks, 37, 29, tile_size=16, stats=stats)
+    assert stats["tile"] == 16 and stats["rows"] > 0 and stats["pairs"] > 0
+    for t in (1, 5, 8, 64):
+        out = rasterize_numba(*scene, viewmats, Ks, 37, 29, tile_size=t)
+        for x, y in zip(out, ref):
+            assert torch.allclose(x, y, atol=1e-12), t
+
+
+def test_cpu_kernel_switch(monkeypatch):
+    set_cpu_kernel(None)
+    monkeypatch.setenv("GSV3D_CPU_KERNEL", "torch")
+    assert cpu_kernel() == "torch"
+    monkeypatch.setenv("GSV3D_CPU_KERNEL", "auto")
+    assert cpu_kernel() == ("numba" if numba_available() else "torch")
+    monkeypatch.setenv("GSV3D_CPU_KERNEL", "fast")
+    with pytest.raises(ValueError, match="GSV3D_CPU_KERNEL"):
+        cpu_kernel()
+    with pytest.raises(ValueError, match="set_cpu_kernel"):
+        set_cpu_kernel("cuda")  # type: ignore[arg-type]
+
+
 def test_bad_inputs_raise():
     scene = random_scene(5, 0)
     viewmats, Ks = random_cams(2, 1, 8, 8)
@@ -288,3 +357,23 @@ def test_gsplat_parity_cuda():
         rel = (a.grad - b.grad).norm() / b.grad.norm().clamp(min=1e-12)
         assert rel < 1e-2, rel
     assert math.isfinite(float(rel))
+
+
+def test_inference_mode_matches_grad_mode():
+    """Lightning runs validation/test under torch.inference_mode; the worker threads must follow it."""
+    from gsv3d_pl.cameras import orbit_cameras
+
+    cams = orbit_cameras(num_frames=4, width=24, height=24)
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    means = torch.rand(n, 3, generator=g) - 0.5
+    quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
+    scales = torch.full((n, 3), 0.03)
+    opac = torch.full((n,), 0.6)
+    colors = torch.rand(n, 3, generator=g)
+    ref = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, 24, 24)
+    with torch.inference_mode():
+        out = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, 24, 24)
+    for a, b in zip(ref, out):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert ref[1].max() > 0.5  # the scene is visible: the comparison is not between two empty images

@@ -1,31 +1,65 @@
 """Differentiable 3D Gaussian rasterisation with two interchangeable backends.
 
-``rasterize(..., backend="torch")`` is the project's pure-PyTorch rasterizer (CPU and GPU, autograd with an
-analytic compositing backward); ``backend="gsplat"`` calls ``gsplat.rasterization(render_mode="RGB+ED")`` (CUDA
+``rasterize(..., backend="torch")`` is the project's own rasterizer (CPU and GPU, autograd with an analytic
+compositing backward); ``backend="gsplat"`` calls ``gsplat.rasterization(render_mode="RGB+ED")`` (CUDA
 only). Both implement DESIGN.md's "Rasterisation semantics" (= gsplat's defaults), so results agree to float32
 precision. ``backend="auto"`` picks gsplat for CUDA tensors when its kernels load, else torch, and logs the
 choice once per process.
+
+On CPU tensors the "torch" backend composites with compiled numba kernels (:mod:`.numba_backend`, ~20-50x faster)
+when numba imports, else with the pure-PyTorch compositor (:mod:`.torch_backend`); both give the same results.
+The choice is :func:`set_cpu_kernel` or the environment variable ``GSV3D_CPU_KERNEL`` = ``auto`` (default: numba
+when available) | ``numba`` (error without numba) | ``torch``. CUDA tensors always use the PyTorch compositor.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from gsv3d_pl.render.gsplat_backend import gsplat_available, rasterize_gsplat
+from gsv3d_pl.render.numba_backend import numba_available, rasterize_numba
 from gsv3d_pl.render.torch_backend import project_gaussians, rasterize_torch
 
 if TYPE_CHECKING:
     from gsv3d_pl.gaussians import Gaussians
 
-__all__ = ["rasterize", "rasterize_gaussians", "resolve_backend", "project_gaussians", "Backend"]
+__all__ = [
+    "rasterize", "rasterize_gaussians", "resolve_backend", "project_gaussians", "Backend", "set_cpu_kernel",
+    "cpu_kernel",
+]
 
 log = logging.getLogger(__name__)
 Backend = Literal["auto", "torch", "gsplat"]
 _logged: set[tuple[str, str]] = set()
+CpuKernel = Literal["auto", "numba", "torch"]
+_cpu_kernel: str | None = None  # set_cpu_kernel() override; None = the GSV3D_CPU_KERNEL environment variable
+
+
+def set_cpu_kernel(kernel: CpuKernel | None) -> None:
+    """Choose the compositor of the "torch" backend on CPU: "auto" (numba when it imports, else torch), "numba",
+    "torch", or None to go back to the ``GSV3D_CPU_KERNEL`` environment variable (default "auto")."""
+    if kernel not in (None, "auto", "numba", "torch"):
+        raise ValueError(f"set_cpu_kernel: expected 'auto', 'numba', 'torch' or None, got {kernel!r}")
+    global _cpu_kernel
+    _cpu_kernel = kernel
+
+
+def cpu_kernel() -> str:
+    """The CPU compositor that ``rasterize(backend="torch"|"auto")`` uses now: "numba" or "torch"."""
+    want = _cpu_kernel or os.environ.get("GSV3D_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if want not in ("auto", "numba", "torch"):
+        raise ValueError(f"GSV3D_CPU_KERNEL must be 'auto', 'numba' or 'torch', got {want!r}")
+    if want == "numba" and not numba_available():
+        raise RuntimeError("GSV3D_CPU_KERNEL / set_cpu_kernel asks for 'numba' but numba does not import; "
+                           "pip install 'numba>=0.60' or use 'auto'/'torch'")
+    if want == "auto":
+        return "numba" if numba_available() else "torch"
+    return want
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -105,6 +139,8 @@ def rasterize(
     chosen = resolve_backend(backend, means.device)
     if chosen == "gsplat":
         rgb, alpha, depth = rasterize_gsplat(*args, backgrounds=bg, near_plane=near_plane)
+    elif means.device.type == "cpu" and means.dtype in (torch.float32, torch.float64) and cpu_kernel() == "numba":
+        rgb, alpha, depth = rasterize_numba(*args, backgrounds=bg, near_plane=near_plane)
     else:
         rgb, alpha, depth = rasterize_torch(*args, backgrounds=bg, near_plane=near_plane)
     out_shape = (*batch, C, int(height), int(width))

@@ -243,10 +243,15 @@ def _run_blocks(fn, blocks: list, device: torch.device, workers: int) -> None:
                 fn(b)
             return
 
+        # Grad and inference mode are thread-local: workers must run in the caller's modes (Lightning's
+        # validation/test steps run under inference_mode, and in-place writes to inference tensors need it).
+        grad_on, inference_on = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
         def worker(k: int) -> None:
             torch.set_num_threads(1)  # OpenMP's thread count is per OS thread
-            for b in blocks[k::workers]:
-                fn(b)
+            with torch.inference_mode(inference_on), torch.set_grad_enabled(grad_on):
+                for b in blocks[k::workers]:
+                    fn(b)
 
         ex = _pool(workers)
         for f in [ex.submit(worker, k) for k in range(workers)]:
