@@ -1,0 +1,131 @@
+"""Validation/test image grids: for each object a row of ground-truth views, a row of predictions and a
+row of predicted depth, saved to ``<run>/images/`` and to the TensorBoard logger.
+
+Consumes the ``validation_step``/``test_step`` output dict of the stages (contract 5): ``gt_images``,
+``pred_images`` [B, V, 3, H, W], ``pred_depths``, ``pred_alphas`` [B, V, 1, H, W].
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+__all__ = ["ValidationImages", "make_grid", "depth_to_rgb"]
+
+
+def depth_to_rgb(depth: Tensor, alpha: Tensor, background: float = 1.0) -> Tensor:
+    """Depth [V, 1, H, W] -> [V, 3, H, W] in [0, 1]: near bright, far dark, normalised over the covered pixels
+    (alpha > 0.5) of all V views together; uncovered pixels get ``background``."""
+    mask = alpha > 0.5  # [V, 1, H, W]
+    if mask.any():
+        d = depth[mask]
+        lo, hi = float(d.min()), float(d.max())
+    else:
+        lo, hi = 0.0, 1.0
+    x = 1.0 - ((depth - lo) / max(hi - lo, 1e-6)).clamp(0, 1)  # [V, 1, H, W], 1 = nearest
+    x = 0.15 + 0.85 * x  # keep the farthest surface distinguishable from black
+    x = torch.where(mask, x, torch.full_like(x, background))
+    return x.expand(-1, 3, -1, -1)
+
+
+def make_grid(outputs: dict, num_objects: int, max_views: int, pad: int = 2) -> np.ndarray:
+    """The grid (uint8 [rows*H, cols*W, 3]) of up to ``num_objects`` objects: per object GT | pred | depth rows."""
+    gt, pred = outputs["gt_images"].float().cpu(), outputs["pred_images"].float().cpu()  # [B, V, 3, H, W]
+    depth, alpha = outputs["pred_depths"].float().cpu(), outputs["pred_alphas"].float().cpu()  # [B, V, 1, H, W]
+    B, V, _, H, W = gt.shape
+    nb, nv = min(B, num_objects), min(V, max_views)
+    views = torch.linspace(0, V - 1, nv).round().long()  # spread over the orbit
+    rows = []
+    for b in range(nb):
+        rows += [gt[b, views], pred[b, views].clamp(0, 1), depth_to_rgb(depth[b, views], alpha[b, views])]
+    canvas = torch.ones(3, len(rows) * (H + pad) - pad, nv * (W + pad) - pad) * 0.5  # grey separators
+    for r, row in enumerate(rows):
+        for c in range(nv):
+            canvas[:, r * (H + pad): r * (H + pad) + H, c * (W + pad): c * (W + pad) + W] = row[c]
+    return (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _save_png_atomic(img: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ValidationImages(pl.Callback):
+    """Save a GT | prediction | depth grid of the first objects of every validation (and test) run.
+
+    Args:
+        num_objects: objects in the grid (taken from the first batches on rank 0).
+        max_views: views per row (evenly spread over the evaluated novel views).
+        dirname: folder under ``trainer.default_root_dir``.
+        on_test: also save a grid for ``gsv3d test``.
+    Files: ``<run>/<dirname>/val_step{global_step:07d}.png`` and ``test_step....png``; TensorBoard tag
+    ``val/grid`` / ``test/grid``.
+    """
+
+    def __init__(self, num_objects: int = 4, max_views: int = 8, dirname: str = "images", on_test: bool = True):
+        super().__init__()
+        self.num_objects, self.max_views, self.dirname, self.on_test = num_objects, max_views, dirname, on_test
+        self._buf: list[dict] = []
+        self.last_path: str | None = None
+
+    def _collect(self, outputs) -> None:
+        if not isinstance(outputs, dict) or "pred_images" not in outputs:
+            return
+        have = sum(o["gt_images"].shape[0] for o in self._buf)
+        if have >= self.num_objects:
+            return
+        keys = ("gt_images", "pred_images", "pred_depths", "pred_alphas")
+        self._buf.append({k: outputs[k].detach().float().cpu() for k in keys})
+
+    def _flush(self, trainer: pl.Trainer, tag: str) -> None:
+        if not self._buf:
+            return
+        cat = {k: torch.cat([o[k] for o in self._buf]) for k in self._buf[0]}
+        self._buf = []
+        img = make_grid(cat, self.num_objects, self.max_views)
+        path = os.path.join(trainer.default_root_dir, self.dirname, f"{tag}_step{trainer.global_step:07d}.png")
+        _save_png_atomic(img, path)
+        self.last_path = path
+        for lg in trainer.loggers:
+            exp = getattr(lg, "experiment", None)
+            if hasattr(exp, "add_image"):  # TensorBoard
+                exp.add_image(f"{tag}/grid", img, global_step=trainer.global_step, dataformats="HWC")
+            elif hasattr(lg, "log_image"):  # W&B and friends
+                lg.log_image(key=f"{tag}/grid", images=[img], step=trainer.global_step)
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._collect(outputs)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._flush(trainer, "val")
+        self._buf = []
+
+    @rank_zero_only
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.on_test:
+            self._collect(outputs)
+
+    @rank_zero_only
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self.on_test:
+            self._flush(trainer, "test")
+        self._buf = []

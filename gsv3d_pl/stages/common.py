@@ -1,0 +1,193 @@
+"""What both stages share: frozen modules kept out of checkpoints, AdamW + warmup/cosine, NaN guards,
+bf16 autocast on GPU, latent gathering and novel-view selection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from gsv3d_pl.stages.losses import NonFiniteLossError, check_finite
+
+__all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "freeze", "module_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+def freeze(module: nn.Module | None) -> nn.Module | None:
+    """eval() + requires_grad_(False); returns the module (None passes through)."""
+    if module is not None:
+        module.eval()
+        module.requires_grad_(False)
+    return module
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """lr multiplier: linear warmup 1/w..1 over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def gather_views(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[b, idx[b]]`` for every b: x [B, Q, ...], idx [B, N] long -> [B, N, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx.to(x.device)]
+
+
+def sample_view_subset(batch_size: int, num_views: int, k: int | None, device=None) -> Tensor | None:
+    """k distinct random view indices per object, [B, k] sorted; None when k is None or >= num_views (all views)."""
+    if k is None or k >= num_views:
+        return None
+    if k < 1:
+        raise ValueError(f"views_per_step must be >= 1 or null, got {k}")
+    return torch.rand(batch_size, num_views, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def novel_view_indices(input_indices: Tensor, num_views: int) -> Tensor:
+    """Indices of the views that are not inputs: input_indices [B, N] -> [B, V], V = Q - N (sorted).
+
+    Every row must hold N distinct indices in [0, Q) (the datamodule's contract), so every row has the
+    same number of novel views.
+    """
+    B = input_indices.shape[0]
+    is_input = torch.zeros(B, num_views, dtype=torch.bool, device=input_indices.device)  # [B, Q]
+    is_input[torch.arange(B, device=input_indices.device)[:, None], input_indices] = True
+    counts = (~is_input).sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"input_indices rows must hold distinct view indices; got {input_indices.tolist()}")
+    order = torch.argsort(is_input.to(torch.int8), dim=1, stable=True)  # novel (0) first, in index order
+    return order[:, : int(counts[0])]
+
+
+class StageBase(pl.LightningModule):
+    """Shared machinery. Subclasses set ``self._frozen`` (attribute names of frozen sub-modules, kept out of
+    checkpoints) and implement ``trainable_parameters()``."""
+
+    _frozen: tuple[str, ...] = ()
+
+    def __init__(self, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+                 min_lr_ratio: float, background: float, render_chunk_views: int | None, render_backend: str):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = int(warmup_steps), float(min_lr_ratio)
+        self.background = float(background)
+        self.render_chunk_views = render_chunk_views
+        self.render_backend = render_backend
+
+    # ---- frozen modules stay out of checkpoints -------------------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{name}." for name in self._frozen if getattr(self, name, None) is not None)
+
+    def _is_saved_key(self, key: str) -> bool:
+        return not key.startswith(self._frozen_prefixes())
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for k in [k for k in full if not self._is_saved_key(k[len(prefix):])]:
+            del full[k]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict for everything that is saved; frozen modules keep their current (config-built) weights."""
+        own = super().state_dict(keep_vars=True)
+        merged = dict(state_dict)
+        for k, v in own.items():
+            if not self._is_saved_key(k) and k not in merged:
+                merged[k] = v.detach()
+        return super().load_state_dict(merged, strict=strict, assign=assign)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self._frozen:  # frozen modules stay in eval mode (dropout/BN off) during training
+            m = getattr(self, name, None)
+            if m is not None:
+                m.eval()
+        return self
+
+    # ---- optimisation ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.trainable_parameters() if p.requires_grad]
+        if not named:
+            raise RuntimeError(f"{type(self).__name__}: no trainable parameters")
+        # No decay on biases, norms, embeddings' 1-D scales (standard AdamW practice).
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=self.betas,
+        )
+        total = self._total_steps()
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _total_steps(self) -> int:
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except Exception:  # no trainer attached (unit tests)
+            total = 0
+        if total <= 0 or total > 10**9:  # infinite runs: cosine over a nominal horizon
+            total = max(self.warmup_steps * 10, 10_000)
+        return total
+
+    # ---- guards -----------------------------------------------------------------------------------------
+    def _check_loss(self, terms: dict[str, Tensor]) -> None:
+        check_finite(terms, int(self.global_step), "loss")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        bad = [n for n, p in self.trainable_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), e.g. "
+                f"{bad[:3]}; stopped before the optimizer step (weights unchanged, last good checkpoint kept)."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"Refusing to save a checkpoint with non-finite weights: {bad[:5]}")
+
+    def autocast(self):
+        """bf16 autocast on CUDA only (CPU trains in fp32; the rasterizer casts to fp32 itself)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _root_dir(self) -> str:
+        return self.trainer.default_root_dir if self._trainer is not None else "."
+
+
+def module_fingerprint(module: nn.Module | None) -> str | None:
+    """A cheap identity of a module's weights (names, shapes, fp64 sums and a few values), e.g. to check that
+    a frozen random-init encoder is the one a checkpoint was trained with. None for None."""
+    if module is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha1()
+    with torch.no_grad():
+        # named_parameters/buffers, not state_dict(): frozen encoders hide their weights from state_dict().
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        for name, t in sorted(tensors.items()):
+            if not torch.is_tensor(t) or t.is_meta:
+                continue
+            t = t.detach()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            if t.numel():
+                d = t.double()
+                vals = torch.stack([d.sum(), d.square().sum(), *d.flatten()[:4]]).cpu()
+                h.update(vals.numpy().round(6).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,283 @@
+"""Stage 1: train the GS decoder on multi-view renders (GSV3D Sec. 3, "GS Decoder").
+
+Per object: N of the Q views are the input (their VAE latents + cameras, and DINO tokens of the input
+view R); the decoder predicts pixel-aligned Gaussians, which are rendered at all Q views and compared
+with the ground truth: ``L_3D = λ_rgb · MSE(rgb) + λ_depth · MSE(depth) [+ λ_lpips · LPIPS]``
+(see :mod:`gsv3d_pl.stages.losses` for exactly which pixels the depth term covers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+
+from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
+from gsv3d_pl.stages.common import (
+    StageBase,
+    freeze,
+    gather_views,
+    module_fingerprint,
+    novel_view_indices,
+    sample_view_subset,
+)
+from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr, write_json_atomic
+from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
+from gsv3d_pl.weights import WeightSpec, register, resolve, torch_hub_dir
+
+__all__ = ["DecoderStage", "lpips_weight_specs"]
+
+log = logging.getLogger(__name__)
+
+_LPIPS_KEY = "model.init_args.lambda_lpips"
+
+
+@register("gsv3d_pl.stages.decoder_stage.DecoderStage")
+@register("gsv3d_pl.DecoderStage")
+def lpips_weight_specs(init_args: dict) -> list[WeightSpec]:
+    """The LPIPS loss needs torchvision's AlexNet backbone (only when ``lambda_lpips > 0``)."""
+    if not float(init_args.get("lambda_lpips", 0.0) or 0.0) > 0:
+        return []
+    return [WeightSpec(
+        name="LPIPS loss backbone (torchvision AlexNet)",
+        config_key=_LPIPS_KEY,
+        candidates=[torch_hub_dir() / "checkpoints" / "alexnet-owt-7be5be79.pth"],
+        source="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (into $TORCH_HOME/hub/checkpoints/)",
+    )]
+
+
+class _LPIPS(nn.Module):
+    """Frozen LPIPS(alex) taking images in [0, 1]; weights resolved offline first."""
+
+    def __init__(self):
+        super().__init__()
+        for spec in lpips_weight_specs({"lambda_lpips": 1.0}):
+            resolve(spec)
+        import lpips
+
+        self.net = lpips.LPIPS(net="alex", verbose=False)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """a, b [M, 3, H, W] in [0, 1] -> [M]."""
+        return self.net(a.float(), b.float(), normalize=True).reshape(-1)
+
+
+class DecoderStage(StageBase):
+    """Stage 1: the GS decoder trained with L_3D on rendered views.
+
+    Args:
+        vae: the frozen VAE that makes the input latents (``encode`` -> scaled latents).
+        dino: the frozen DINO encoder for the input view R's tokens; None = no DINO (then the decoder must
+            have ``dino_dim=None``).
+        decoder: the GS decoder (trained).
+        (The frozen encoders come first, in the same order in both stages: LightningCLI builds init_args in
+        signature order, so even encoders drawn from the global RNG would match across the stages.)
+        lambda_rgb, lambda_depth, lambda_lpips: L_3D weights; depth_loss_on: "all" | "foreground".
+        lr, weight_decay, betas: AdamW; warmup_steps then cosine to ``min_lr_ratio · lr`` at the last step
+            (``trainer.estimated_stepping_batches``).
+        render_chunk_views: views per rasterizer call (None = all Q at once); memory is that of one chunk.
+        views_per_step: supervise each object on this many of its Q views per training step, drawn at random
+            (None = all Q, the paper). A CPU budget knob: the rasterizer's cost is linear in rendered views.
+        background: background grey level of the renders (must match the dataset's).
+        render_backend: rasterize backend ("auto": gsplat on CUDA, torch otherwise).
+        use_latent_cache: ask the datamodule to cache VAE latents (``set_latent_encoder``) when it can.
+        heldout_eval: at the end of fit, score novel views of held-out (test split) objects against the
+            mean-training-image baseline and write ``<run>/heldout_eval.json``.
+        heldout_max_objects / baseline_max_objects: caps for that evaluation (None = all).
+    """
+
+    _frozen = ("vae", "dino", "lpips")
+
+    def __init__(
+        self,
+        vae: VAE,
+        dino: DINOEncoder | None,
+        decoder: GSDecoder,
+        lambda_rgb: float = 1.0,
+        lambda_depth: float = 1.0,
+        depth_loss_on: str = "all",
+        lambda_lpips: float = 0.0,
+        lr: float = 4e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        render_chunk_views: int | None = None,
+        views_per_step: int | None = None,
+        background: float = 1.0,
+        render_backend: str = "auto",
+        use_latent_cache: bool = True,
+        heldout_eval: bool = True,
+        heldout_max_objects: int | None = None,
+        baseline_max_objects: int | None = None,
+    ):
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
+                         render_backend)
+        self.decoder = decoder
+        self.vae = freeze(vae)
+        self.dino = freeze(dino)
+        dino_dim = getattr(decoder, "dino_dim", None)
+        if dino is None and dino_dim is not None:
+            raise ValueError("model.init_args.dino is null but the decoder has dino_dim set: set "
+                             "model.init_args.decoder.init_args.dino_dim: null too (the 'w/o DINO' ablation)")
+        if dino is not None and dino_dim is None:
+            raise ValueError("the decoder has dino_dim: null (no cross-attention) but model.init_args.dino is set: "
+                             "set model.init_args.dino: null")
+        if dino is not None and getattr(dino, "embed_dim", dino_dim) != dino_dim:
+            raise ValueError(f"DINO embed_dim {dino.embed_dim} != decoder dino_dim {dino_dim} "
+                             "(model.init_args.decoder.init_args.dino_dim)")
+        self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on)
+        self.lpips = freeze(_LPIPS()) if lambda_lpips > 0 else None
+        self.views_per_step = views_per_step
+        self.use_latent_cache = use_latent_cache
+        self.heldout_eval = heldout_eval
+        self.heldout_max_objects = heldout_max_objects
+        self.baseline_max_objects = baseline_max_objects
+        self.save_hyperparameters(ignore=["decoder", "vae", "dino"])
+
+    # ---- setup ------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.use_latent_cache and dm is not None and hasattr(dm, "set_latent_encoder"):
+            dm.set_latent_encoder(self._encode_for_cache, self.vae.weights_key())
+
+    @torch.no_grad()
+    def _encode_for_cache(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, h, w] (CPU, fp32) for the datamodule's cache."""
+        return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def input_latents(self, batch: dict) -> Tensor:
+        """The N input views' scaled latents [B, N, 4, h, w]: from the latent cache when the batch has it."""
+        idx = batch["input_indices"]  # [B, N]
+        if "target_latents" in batch:
+            return gather_views(batch["target_latents"], idx).float()
+        imgs = batch["input_images"]  # [B, N, 3, H, W]
+        lat = self.vae.encode(imgs.flatten(0, 1).float())  # [B*N, 4, h, w]
+        return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
+
+    @torch.no_grad()
+    def dino_tokens(self, batch: dict) -> Tensor | None:
+        """DINO patch tokens of the input view R, [B, T, C]; None without DINO."""
+        return None if self.dino is None else self.dino(batch["cond_image"].float()).float()
+
+    def forward(self, latents: Tensor, c2w: Tensor, K: Tensor, dino_tokens: Tensor | None = None):
+        """latents [B, N, 4, h, w], c2w [B, N, 4, 4], K [B, N, 3, 3] (full-res), tokens [B, T, C] -> Gaussians [B]."""
+        with self.autocast():
+            return self.decoder(latents, c2w, K, dino_tokens)
+
+    def predict_gaussians(self, batch: dict):
+        """Gaussians (batch [B]) of a batch of contract 4."""
+        return self(self.input_latents(batch), batch["input_c2w"].float(), batch["input_K"].float(),
+                    self.dino_tokens(batch))
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def _targets(self, batch: dict, idx: Tensor | None = None) -> tuple[Tensor, ...]:
+        keys = ("target_c2w", "target_K", "target_images", "target_alphas", "target_depths")
+        vals = [batch[k].float() for k in keys]
+        if idx is not None:
+            vals = [gather_views(v, idx) for v in vals]
+        return tuple(vals)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        gaussians = self.predict_gaussians(batch)
+        B, Q = batch["target_images"].shape[:2]
+        sub = sample_view_subset(B, Q, self.views_per_step, self.device)  # [B, k] or None (all Q views)
+        c2w, K, rgb, alpha, depth = self._targets(batch, sub)
+        loss, terms = render_loss(
+            gaussians, c2w, K, rgb, alpha, depth, self.loss_weights, background=self.background,
+            backend=self.render_backend, chunk=self.render_chunk_views, lpips_fn=self.lpips,
+        )
+        self._check_loss({k: v.mean() for k, v in terms.items()} | {"total": loss.detach()})
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
+        for k in ("rgb", "depth", "lpips"):
+            if k in terms:
+                self.log(f"train/{k}", terms[k].mean(), batch_size=B)
+        self.log("train/psnr", -10 * torch.log10(terms["rgb"].mean().clamp_min(1e-10)), prog_bar=True, batch_size=B)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else self.lr, batch_size=B)
+        return loss
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_novel_views(self, batch: dict) -> dict:
+        """Predict Gaussians and render the novel (non-input) views: the dict of contract 5."""
+        gaussians = self.predict_gaussians(batch)
+        Q = batch["target_images"].shape[1]
+        novel = novel_view_indices(batch["input_indices"], Q)  # [B, V]
+        c2w, K, gt_rgb, gt_alpha, gt_depth = self._targets(batch, novel)
+        H, W = gt_rgb.shape[-2:]
+        rgb, alpha, depth = render_views(gaussians, c2w, K, W, H, self.background, self.render_backend,
+                                         self.render_chunk_views)  # [B, V, 3|1, H, W]
+        return {
+            "pred_images": rgb.clamp(0, 1), "gt_images": gt_rgb, "pred_alphas": alpha, "pred_depths": depth,
+            "gt_alphas": gt_alpha, "gt_depths": gt_depth, "eval_c2w": c2w, "eval_K": K,
+            "input_images": batch["input_images"], "gaussians": gaussians.detach(), "novel_indices": novel,
+        }
+
+    def _eval_step(self, batch: dict, prefix: str) -> dict:
+        out = self.evaluate_novel_views(batch)
+        B = out["gt_images"].shape[0]
+        psnr = per_image_psnr(out["pred_images"].flatten(0, 1), out["gt_images"].flatten(0, 1))  # [B*V]
+        self.log(f"{prefix}/psnr", psnr.mean(), prog_bar=True, batch_size=B, sync_dist=True)
+        mse_d = (out["pred_alphas"] * out["pred_depths"] - out["gt_depths"]).square().mean()
+        self.log(f"{prefix}/depth_mse", mse_d, batch_size=B, sync_dist=True)
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, "test")
+
+    # ---- checkpoints / end of fit ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Identities of the frozen encoders: stage 2 refuses a decoder trained on another VAE's latents.
+        checkpoint["gsv3d"] = {
+            "stage": "decoder",
+            "vae_key": self.vae.weights_key() if hasattr(self.vae, "weights_key") else module_fingerprint(self.vae),
+            "dino_fingerprint": module_fingerprint(self.dino),
+            "decoder_class": f"{type(self.decoder).__module__}.{type(self.decoder).__qualname__}",
+        }
+
+    def on_fit_end(self) -> None:
+        if not self.heldout_eval or self.trainer.sanity_checking or self.trainer.global_rank != 0:
+            return
+        if getattr(self.trainer, "interrupted", False):  # Ctrl-C / SIGTERM: no evaluation of a partial run
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "test_dataloader"):
+            log.warning("held-out evaluation skipped: no datamodule with a test split")
+            return
+        self.run_heldout_eval(dm)
+
+    def run_heldout_eval(self, datamodule) -> dict:
+        """Score held-out novel views vs the mean-training-image baseline; print and write heldout_eval.json."""
+        datamodule.setup("test")
+        was_training = self.training
+        self.eval()
+        try:
+            res = heldout_evaluation(
+                lambda b: (lambda o: (o["pred_images"], o["gt_images"]))(self.evaluate_novel_views(b)),
+                datamodule.test_dataloader(), datamodule.train_dataloader(), self.device,
+                self.heldout_max_objects, self.baseline_max_objects,
+            )
+        finally:
+            self.train(was_training)
+        res["global_step"] = int(self.global_step)
+        path = os.path.join(self._root_dir(), "heldout_eval.json")
+        write_json_atomic(path, res)
+        print(
+            f"[held-out eval] {res['num_objects']} objects, {res['num_views']} novel views at "
+            f"{res['resolution'][0]}x{res['resolution'][1]}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f}; "
+            f"baseline (mean training image) PSNR {res['baseline_psnr']:.2f} dB -> gain {res['psnr_gain_db']:+.2f} dB"
+            f"\n[held-out eval] written to {path}",
+            flush=True,
+        )
+        return res

@@ -1,0 +1,394 @@
+"""Stage 2: geometric distillation of the frozen GS decoder into SV3D with LoRA (GSV3D Sec. 3).
+
+Per object: z_gt = VAE latents of the 21 orbit frames; σ ~ exp(N(p_mean, p_std)); D = SV3D's EDM
+denoiser prediction of the clean latents; ``L_2D = mean(λ(σ)·(D − z_gt)²)``. N frames of D go through the
+frozen decoder (with DINO tokens of the input view R) to Gaussians, rendered at all Q views:
+``L_3D`` as in stage 1. ``L_distill = L_2D + λ_3D · L_3D``; optionally L_3D only for objects whose σ is
+below ``sigma_3d_max`` (at large σ, D is a blurry mean and its 3D reconstruction carries little signal).
+
+Only the LoRA parameters train; checkpoints hold them (and the optimizer state) only, and the end of fit
+exports the adapter with diffusers' ``save_lora_adapter`` into ``<run>/lora/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
+from gsv3d_pl.stages.common import (
+    StageBase,
+    freeze,
+    gather_views,
+    module_fingerprint,
+    novel_view_indices,
+    sample_view_subset,
+)
+from gsv3d_pl.stages.heldout import per_image_psnr
+from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
+
+__all__ = ["DistillStage", "load_decoder_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+NUM_ORBIT = 21
+_CKPT_KEY = "model.init_args.decoder_ckpt"
+
+
+def load_decoder_checkpoint(decoder: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a stage-1 (DecoderStage) checkpoint's ``decoder.*`` weights into ``decoder``, strictly.
+
+    Raises FileNotFoundError / ValueError naming the file, the config key and what to do. Returns the
+    checkpoint's ``gsv3d`` metadata (frozen-encoder identities), possibly empty.
+    """
+    path = os.fspath(path) if path else ""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{_CKPT_KEY}: stage-1 decoder checkpoint {path!r} not found. Train stage 1 first (e.g. "
+            "`gsv3d fit --config configs/decoder/tiny.yaml` writes runs/decoder_tiny/checkpoints/last.ckpt) "
+            "or point the key at an existing DecoderStage checkpoint."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"{_CKPT_KEY}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from e
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{_CKPT_KEY}: {path!r} has no 'state_dict'; it is not a Lightning checkpoint")
+    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    if not dec:
+        raise ValueError(f"{_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
+    own = decoder.state_dict()
+    missing = sorted(set(own) - set(dec))
+    unexpected = sorted(set(dec) - set(own))
+    shapes = [f"{k}: ckpt {tuple(dec[k].shape)} vs config {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(dec)) if tuple(dec[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{_CKPT_KEY}: {path!r} does not match the decoder built from model.init_args.decoder "
+                 "(use the same decoder preset/overrides as stage 1):"]
+        if missing:
+            lines.append(f"  missing in the checkpoint ({len(missing)}): {missing[:5]}")
+        if unexpected:
+            lines.append(f"  not in the configured decoder ({len(unexpected)}): {unexpected[:5]}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {shapes[:5]}")
+        raise ValueError("\n".join(lines))
+    decoder.load_state_dict(dec, strict=True)
+    meta = ckpt.get("gsv3d", {}) if isinstance(ckpt, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+class DistillStage(StageBase):
+    """Stage 2: LoRA on SV3D's UNet, trained with ``L_2D + λ_3D · L_3D`` through the frozen GS decoder.
+
+    Args:
+        vae, dino, clip: frozen encoders (dino None = no DINO; the decoder then has dino_dim None). They come
+            first, in the same order as in DecoderStage (LightningCLI builds init_args in signature order). They
+            must be the encoders stage 1 used: checked against the decoder checkpoint's record.
+        sv3d: the SV3D model (UNet + EDM); its base weights are frozen, LoRA is injected here.
+        decoder: the GS decoder architecture (must match the stage-1 config); weights from ``decoder_ckpt``.
+        decoder_ckpt: the stage-1 DecoderStage checkpoint (e.g. runs/decoder_tiny/checkpoints/last.ckpt).
+        lora_rank, lora_alpha (None = rank, i.e. scale 1), lora_targets, lora_dropout: the peft LoraConfig.
+        num_input_views: frames of D fed to the decoder. None = the datamodule's ``input_indices`` (N random
+            orbit frames per object); an int = that many distinct random orbit frames per object and step.
+        lambda_3d: weight of L_3D; lambda_rgb, lambda_depth, depth_loss_on: L_3D as in stage 1.
+        sigma_3d_max: apply L_3D only to objects with σ ≤ this (None = always).
+        cond_aug: noise augmentation of the conditioning image (SV3D inference uses 1e-5).
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW + warmup + cosine over the LoRA parameters.
+        val_sample_steps: Euler-EDM steps of the validation sampler (generated orbit -> decoder -> novel views).
+        render_chunk_views, views_per_step, background, render_backend, use_latent_cache: as in DecoderStage.
+    """
+
+    _frozen = ("vae", "clip", "dino", "decoder")
+
+    def __init__(
+        self,
+        vae: VAE,
+        dino: DINOEncoder | None,
+        clip: CLIPImageEmbedder,
+        sv3d: SV3D,
+        decoder: GSDecoder,
+        decoder_ckpt: str,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_dropout: float = 0.0,
+        num_input_views: int | None = None,
+        lambda_3d: float = 1.0,
+        lambda_rgb: float = 1.0,
+        lambda_depth: float = 1.0,
+        depth_loss_on: str = "all",
+        sigma_3d_max: float | None = None,
+        cond_aug: float = 1e-5,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.0,
+        val_sample_steps: int = 50,
+        render_chunk_views: int | None = None,
+        views_per_step: int | None = None,
+        background: float = 1.0,
+        render_backend: str = "auto",
+        use_latent_cache: bool = True,
+    ):
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
+                         render_backend)
+        if lambda_3d < 0:
+            raise ValueError(f"lambda_3d must be >= 0, got {lambda_3d}")
+        if num_input_views is not None and not 1 <= num_input_views <= NUM_ORBIT:
+            raise ValueError(f"num_input_views must be in [1, {NUM_ORBIT}] or null, got {num_input_views}")
+        if (dino is None) != (getattr(decoder, "dino_dim", None) is None):
+            raise ValueError("model.init_args.dino and model.init_args.decoder.init_args.dino_dim must be both set "
+                             "or both null (the 'w/o DINO' ablation sets both to null)")
+        self.vae, self.clip, self.dino = freeze(vae), freeze(clip), freeze(dino)
+        self.decoder = decoder
+        self.decoder_ckpt = str(decoder_ckpt)
+        meta = load_decoder_checkpoint(decoder, decoder_ckpt)  # fails here, at start, if missing/mismatched
+        freeze(decoder)
+        self._check_encoders(meta)
+
+        self.sv3d = sv3d
+        self._unet_base_fp = module_fingerprint(sv3d.unet)  # the (unsaved) base UNet a checkpoint must match
+        sv3d.requires_grad_(False)
+        n_lora = sv3d.add_lora(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                               target_modules=tuple(lora_targets))
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        non_lora = [n for n in trainable if "lora_" not in n]
+        assert not non_lora, f"only LoRA parameters may train, found {non_lora[:5]}"
+        assert trainable, "LoRA injection produced no trainable parameters (check lora_targets)"
+        self.num_lora_params = int(n_lora)
+        rank_zero_info(f"[distill] LoRA rank {lora_rank} on {list(lora_targets)}: {self.num_lora_params:,} trainable "
+                       f"parameters in {len(trainable)} tensors; everything else frozen")
+
+        self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, 0.0, depth_loss_on)
+        self.lambda_3d = float(lambda_3d)
+        self.sigma_3d_max = sigma_3d_max
+        self.num_input_views = num_input_views
+        self.cond_aug = float(cond_aug)
+        self.val_sample_steps = int(val_sample_steps)
+        self.views_per_step = views_per_step
+        self.use_latent_cache = use_latent_cache
+        # num_input_views is also a datamodule hparam (Lightning refuses differing duplicates): not logged here
+        self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "decoder", "num_input_views"])
+
+    def _check_encoders(self, meta: dict) -> None:
+        """The decoder was trained on one VAE's latents (and one DINO): refuse others (tiny presets are random)."""
+        want_vae = meta.get("vae_key")
+        have_vae = self.vae.weights_key() if hasattr(self.vae, "weights_key") else module_fingerprint(self.vae)
+        if want_vae is not None and want_vae != have_vae:
+            raise ValueError(
+                f"{_CKPT_KEY}: {self.decoder_ckpt!r} was trained on latents of another VAE (weights key {want_vae} "
+                f"vs {have_vae} here). Use the same model.init_args.vae as stage 1 (random-init 'tiny' presets must "
+                "be built identically, e.g. the same seed_everything)."
+            )
+        want_dino = meta.get("dino_fingerprint")
+        if want_dino is not None and self.dino is not None and want_dino != module_fingerprint(self.dino):
+            raise ValueError(f"{_CKPT_KEY}: {self.decoder_ckpt!r} was trained with another DINO encoder "
+                             "(fingerprint mismatch); use the same model.init_args.dino as stage 1.")
+
+    # ---- what is saved -------------------------------------------------------------------------------------
+    def _is_saved_key(self, key: str) -> bool:
+        if key.startswith("sv3d."):
+            return "lora_" in key  # base UNet weights come from the config (preset / pretrained folder)
+        return super()._is_saved_key(key)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gsv3d"] = {"stage": "distill", "unet_base_fingerprint": self._unet_base_fp,
+                               "decoder_ckpt": self.decoder_ckpt, "num_lora_params": self.num_lora_params}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fp = checkpoint.get("gsv3d", {}).get("unet_base_fingerprint")
+        if fp is not None and fp != self._unet_base_fp:
+            raise ValueError(
+                "this DistillStage checkpoint holds LoRA weights for another base UNet (fingerprint "
+                f"{fp} vs {self._unet_base_fp}); use the same model.init_args.sv3d (and seed for 'tiny') as its run"
+            )
+
+    def on_fit_start(self) -> None:
+        for lg in self.loggers:
+            lg.log_hyperparams({"num_lora_params": self.num_lora_params})
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.use_latent_cache and dm is not None and hasattr(dm, "set_latent_encoder"):
+            dm.set_latent_encoder(self._encode_for_cache, self.vae.weights_key())
+
+    @torch.no_grad()
+    def _encode_for_cache(self, images: Tensor) -> Tensor:
+        return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
+
+    # ---- conditioning -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def orbit_latents(self, batch: dict) -> Tensor:
+        """z_gt: scaled latents of the 21 orbit frames (target views 0..20), [B, 21, 4, h, w]."""
+        if "target_latents" in batch:
+            return batch["target_latents"][:, :NUM_ORBIT].float()
+        imgs = batch["target_images"][:, :NUM_ORBIT].float()  # [B, 21, 3, H, W]
+        lat = self.vae.encode(imgs.flatten(0, 1))  # [B*21, 4, h, w]
+        return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
+
+    @torch.no_grad()
+    def conditioning(self, batch: dict) -> dict[str, Tensor | None]:
+        """SV3D's and the decoder's conditioning of the input view R (cond_image [B, 3, H, W])."""
+        img = batch["cond_image"].float()
+        B = img.shape[0]
+        cond_aug = torch.full((B,), self.cond_aug, device=img.device)  # [B]
+        return {
+            "clip_emb": self.clip(img).float(),  # [B, 1, D]
+            "cond_latent": self.vae.encode_cond(img, cond_aug).float(),  # [B, 4, h, w], unscaled
+            "cond_aug": cond_aug,
+            "dino": None if self.dino is None else self.dino(img).float(),  # [B, T, C]
+            "polars": batch["orbit_polars_rad"].float(),  # [B, 21]
+            "azimuths": batch["orbit_azimuths_rad"].float(),  # [B, 21]
+        }
+
+    def pick_frames(self, batch: dict) -> Tensor:
+        """Orbit frames of D fed to the decoder, [B, N] long."""
+        if self.num_input_views is None:
+            idx = batch["input_indices"].long()
+            if (idx >= NUM_ORBIT).any():
+                raise ValueError("input_indices must index orbit frames (< 21) for the distill stage")
+            return idx
+        B = batch["target_images"].shape[0]
+        return torch.rand(B, NUM_ORBIT, device=self.device).argsort(dim=1)[:, : self.num_input_views]
+
+    def decode_frames(self, latents: Tensor, idx: Tensor, batch: dict, dino: Tensor | None):
+        """Frozen decoder on frames ``idx`` [B, N] of orbit latents [B, 21, 4, h, w] -> Gaussians [B]."""
+        c2w = gather_views(batch["target_c2w"].float(), idx)  # [B, N, 4, 4]
+        K = gather_views(batch["target_K"].float(), idx)  # [B, N, 3, 3]
+        with self.autocast():
+            return self.decoder(gather_views(latents, idx), c2w, K, dino)
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def distill_losses(self, batch: dict, generator: torch.Generator | None = None,
+                       use_2d: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """(L_distill, terms). ``use_2d=False`` leaves L_2D out of the returned loss (for gradient tests)."""
+        z_gt = self.orbit_latents(batch)  # [B, 21, 4, h, w]
+        c = self.conditioning(batch)
+        B = z_gt.shape[0]
+        with self.autocast():
+            l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
+                                                    c["azimuths"], c["cond_aug"], generator=generator)
+        terms: dict[str, Tensor] = {"l2d": l2d.detach()}
+        loss = l2d if use_2d else torch.zeros((), device=z_gt.device)
+        mask = torch.ones(B, device=z_gt.device)  # [B]
+        if self.sigma_3d_max is not None:
+            mask = (sigma <= self.sigma_3d_max).float()
+        terms["l3d_fraction"] = mask.mean()
+        if self.lambda_3d > 0 and mask.any():
+            gaussians = self.decode_frames(D.float(), self.pick_frames(batch), batch, c["dino"])
+            Q = batch["target_images"].shape[1]
+            sub = sample_view_subset(B, Q, self.views_per_step if self.training else None, z_gt.device)
+            tg = [batch[k].float() for k in ("target_c2w", "target_K", "target_images", "target_alphas",
+                                             "target_depths")]
+            if sub is not None:
+                tg = [gather_views(t, sub) for t in tg]
+            l3d, t3 = render_loss(
+                gaussians, *tg, self.loss_weights, object_weights=mask, background=self.background, backend=self.render_backend,
+                chunk=self.render_chunk_views,
+            )
+            loss = loss + self.lambda_3d * l3d
+            terms.update({"l3d": l3d.detach(), "rgb": t3["rgb"].mean(), "depth": t3["depth"].mean()})
+        terms["loss"] = loss.detach()
+        return loss, terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, terms = self.distill_losses(batch)
+        self._check_loss(terms)
+        B = batch["target_images"].shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=B)
+        for k in ("l2d", "l3d", "rgb", "depth", "l3d_fraction"):
+            if k in terms:
+                self.log(f"train/{k}", terms[k], batch_size=B, prog_bar=k in ("l2d", "l3d"))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
+        return loss
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_orbit(self, batch: dict, c: dict | None = None, seed: int = 0) -> Tensor:
+        """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w] (deterministic seed)."""
+        c = self.conditioning(batch) if c is None else c
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        with self.autocast():
+            return self.sv3d.sample(c["clip_emb"], c["cond_latent"], c["polars"], c["azimuths"], c["cond_aug"],
+                                    num_steps=self.val_sample_steps, generator=g, progress=False).float()
+
+    @torch.no_grad()
+    def evaluate_novel_views(self, batch: dict, seed: int = 0) -> dict:
+        """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views: the dict of contract 5."""
+        c = self.conditioning(batch)
+        lat = self.generate_orbit(batch, c, seed)  # [B, 21, 4, h, w]
+        idx = batch["input_indices"].long().clamp_max(NUM_ORBIT - 1)  # val/test: the datamodule's fixed frames
+        gaussians = self.decode_frames(lat, idx, batch, c["dino"])
+        novel = novel_view_indices(batch["input_indices"], batch["target_images"].shape[1])  # [B, V]
+        c2w, K = gather_views(batch["target_c2w"].float(), novel), gather_views(batch["target_K"].float(), novel)
+        gt = {k: gather_views(batch[k].float(), novel) for k in ("target_images", "target_alphas", "target_depths")}
+        H, W = gt["target_images"].shape[-2:]
+        rgb, alpha, depth = render_views(gaussians, c2w, K, W, H, self.background, self.render_backend,
+                                         self.render_chunk_views)
+        return {
+            "pred_images": rgb.clamp(0, 1), "gt_images": gt["target_images"], "pred_alphas": alpha,
+            "pred_depths": depth, "gt_alphas": gt["target_alphas"], "gt_depths": gt["target_depths"],
+            "eval_c2w": c2w, "eval_K": K, "input_images": batch["input_images"],
+            "gaussians": gaussians.detach(), "novel_indices": novel,
+        }
+
+    def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> dict:
+        B = batch["target_images"].shape[0]
+        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)  # same σ/noise every validation
+        _, terms = self.distill_losses(batch, generator=g)
+        for k in ("loss", "l2d", "l3d"):
+            if k in terms:
+                self.log(f"{prefix}/{k}", terms[k], batch_size=B, sync_dist=True)
+        out = self.evaluate_novel_views(batch, seed=batch_idx)
+        psnr = per_image_psnr(out["pred_images"].flatten(0, 1), out["gt_images"].flatten(0, 1))
+        self.log(f"{prefix}/psnr", psnr.mean(), prog_bar=True, batch_size=B, sync_dist=True)
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, batch_idx, "test")
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def export_lora(self, out_dir: str | os.PathLike) -> str:
+        """Write the adapter with diffusers' ``save_lora_adapter`` into ``out_dir`` (atomically, via a tmp dir).
+
+        Load it back with ``unet.load_lora_adapter(out_dir, prefix=None,
+        weight_name="pytorch_lora_weights.safetensors")`` (the default prefix silently loads nothing).
+        """
+        out_dir = os.path.abspath(os.fspath(out_dir))
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_lora_")
+        try:
+            self.sv3d.unet.save_lora_adapter(tmp)
+            old = None
+            if os.path.exists(out_dir):
+                old = tempfile.mkdtemp(dir=parent, prefix=".old_lora_")
+                os.replace(out_dir, os.path.join(old, "lora"))
+            os.replace(tmp, out_dir)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    def on_fit_end(self) -> None:
+        if self.trainer.global_rank != 0 or getattr(self.trainer, "interrupted", False):
+            return
+        path = self.export_lora(os.path.join(self._root_dir(), "lora"))
+        print(f"[distill] LoRA adapter ({self.num_lora_params:,} parameters) exported to {path}", flush=True)

@@ -1,0 +1,161 @@
+"""Stage 2 (DistillStage): LoRA-only training, L_3D gradient path, frozen decoder, checkpoints, errors."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
+from gsv3d_pl.stages.decoder_stage import DecoderStage
+from gsv3d_pl.stages.distill_stage import DistillStage
+from gsv3d_pl.stages.synthetic import SyntheticDataModule, collate, synthetic_sample
+
+DEC_KW = dict(dim=32, head_channels=16, upsample=2, dino_dim=64)
+
+
+def encoders():
+    """Tiny frozen encoders drawn from a fixed seed (the same ones in both stages, as seed_everything gives)."""
+    torch.manual_seed(123)
+    return VAE("tiny"), DINOEncoder("tiny", image_size=56)
+
+
+@pytest.fixture(scope="module")
+def decoder_ckpt(tmp_path_factory):
+    """A stage-1 checkpoint after 2 training steps on synthetic data."""
+    root = tmp_path_factory.mktemp("decoder")
+    vae, dino = encoders()
+    torch.manual_seed(0)
+    stage = DecoderStage(vae=vae, dino=dino, decoder=GSDecoder.from_preset("tiny", **DEC_KW), heldout_eval=False, warmup_steps=1)
+    trainer = pl.Trainer(max_steps=2, default_root_dir=str(root), accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True)])
+    trainer.fit(stage, SyntheticDataModule(num_train=2, batch_size=2))
+    return str(root / "checkpoints" / "last.ckpt")
+
+
+def make_distill(ckpt: str, **kw) -> DistillStage:
+    vae, dino = encoders()
+    torch.manual_seed(1)
+    sv3d = SV3D("tiny", cfg_dropout=0.0)
+    clip = CLIPImageEmbedder("tiny")
+    kw = {"lora_rank": 4, "val_sample_steps": 2, "warmup_steps": 1, **kw}
+    return DistillStage(vae=vae, dino=dino, clip=clip, sv3d=sv3d, decoder=GSDecoder.from_preset("tiny", **DEC_KW),
+                        decoder_ckpt=ckpt, **kw)
+
+
+def lora_params(stage):
+    return {n: p for n, p in stage.named_parameters() if "lora_" in n}
+
+
+def test_only_lora_trains_and_decoder_is_loaded(decoder_ckpt):
+    stage = make_distill(decoder_ckpt)
+    trainable = {n for n, p in stage.named_parameters() if p.requires_grad}
+    assert trainable and trainable == set(lora_params(stage))
+    assert stage.num_lora_params == sum(p.numel() for p in lora_params(stage).values())
+    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in stage.decoder.state_dict().items():
+        assert torch.equal(v, ck[f"decoder.{k}"])
+
+
+def test_l3d_alone_reaches_the_lora_parameters(decoder_ckpt):
+    stage = make_distill(decoder_ckpt, sigma_3d_max=None)
+    b = collate([synthetic_sample(i) for i in range(2)])
+    loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(0), use_2d=False)
+    assert "l3d" in terms and loss.requires_grad
+    loss.backward()
+    grads = {n: p.grad for n, p in lora_params(stage).items()}
+    nonzero = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    # peft's init has lora_B = 0, so every lora_B (and no lora_A) gets a gradient at step 0
+    lora_b = [n for n in grads if "lora_B" in n]
+    assert set(lora_b) <= set(nonzero), f"{len(set(lora_b) - set(nonzero))} lora_B tensors got no L_3D gradient"
+    assert all(p.grad is None for n, p in stage.decoder.named_parameters())
+
+
+def test_sigma_threshold_masks_l3d(decoder_ckpt):
+    stage = make_distill(decoder_ckpt, sigma_3d_max=1e-6)  # every sampled σ is above: no L_3D at all
+    b = collate([synthetic_sample(0)])
+    _, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(0))
+    assert float(terms["l3d_fraction"]) == 0.0 and "l3d" not in terms
+
+
+def test_fit_keeps_decoder_bit_identical_and_saves_only_lora(decoder_ckpt, tmp_path):
+    stage = make_distill(decoder_ckpt)
+    dec_before = {k: v.clone() for k, v in stage.decoder.state_dict().items()}
+    lora_before = {k: v.detach().clone() for k, v in lora_params(stage).items()}
+    dm = SyntheticDataModule(num_train=4, num_val=1, num_test=1, batch_size=2)
+    trainer = pl.Trainer(max_steps=3, default_root_dir=str(tmp_path), accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         val_check_interval=3, check_val_every_n_epoch=None,
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True)])
+    trainer.fit(stage, dm)
+    for k, v in stage.decoder.state_dict().items():
+        assert torch.equal(v, dec_before[k]), k
+    assert any(not torch.equal(p, lora_before[n]) for n, p in lora_params(stage).items())
+    assert "val/psnr" in trainer.callback_metrics
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = set(ck["state_dict"])
+    assert keys == {k for k in lora_params(stage)}, sorted(keys - set(lora_params(stage)))[:5]
+    assert ck["optimizer_states"] and ck["gsv3d"]["stage"] == "distill"
+    # the adapter export loads back into a fresh UNet (prefix=None, as diffusers needs)
+    adapter = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    assert adapter.exists()
+    fresh = make_distill(decoder_ckpt)
+    fresh.load_state_dict(ck["state_dict"], strict=True)
+    for n, p in lora_params(fresh).items():
+        assert torch.equal(p, lora_params(stage)[n])
+
+
+def test_resume_checkpoint_requires_the_same_base_unet(decoder_ckpt, tmp_path):
+    stage = make_distill(decoder_ckpt)
+    ck = {"state_dict": stage.state_dict()}
+    stage.on_save_checkpoint(ck)
+    other = make_distill(decoder_ckpt)
+    with torch.no_grad():
+        next(p for n, p in other.sv3d.unet.named_parameters() if "lora_" not in n).add_(1.0)
+    other._unet_base_fp = __import__("gsv3d_pl.stages.common", fromlist=["x"]).module_fingerprint(other.sv3d.unet)
+    with pytest.raises(ValueError, match="base UNet"):
+        other.on_load_checkpoint(ck)
+
+
+def test_missing_or_mismatched_decoder_checkpoint_fails_at_start(decoder_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.init_args.decoder_ckpt"):
+        make_distill(str(tmp_path / "nope.ckpt"))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        make_distill(str(bad))
+    vae, dino = encoders()
+    with pytest.raises(ValueError, match="shape mismatches"):
+        DistillStage(vae=vae, dino=dino, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"),
+                     decoder=GSDecoder.from_preset("tiny", **{**DEC_KW, "dim": 48}), decoder_ckpt=decoder_ckpt)
+    with pytest.raises(ValueError, match="another VAE"):  # other latents than the decoder was trained on
+        DistillStage(vae=VAE("tiny", scaling_factor=1.0), dino=dino, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"),
+                     decoder=GSDecoder.from_preset("tiny", **DEC_KW), decoder_ckpt=decoder_ckpt)
+
+
+def test_l_distill_decreases(decoder_ckpt, tmp_path):
+    """Over a short run, L_distill on fixed data with a fixed σ/noise draw goes down."""
+    stage = make_distill(decoder_ckpt, lr=3e-3, lora_rank=8)
+    dm = SyntheticDataModule(num_train=2, num_val=1, num_test=1, batch_size=2)
+    dm.setup()
+    b = collate(dm.ds["train"].items)
+
+    def fixed_loss():
+        stage.eval()
+        with torch.no_grad():
+            vals = [float(stage.distill_losses(b, generator=torch.Generator().manual_seed(s))[0]) for s in range(4)]
+        stage.train()
+        return sum(vals) / len(vals)
+
+    before = fixed_loss()
+    trainer = pl.Trainer(max_steps=12, default_root_dir=str(tmp_path), accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         enable_checkpointing=False)
+    trainer.fit(stage, dm)
+    after = fixed_loss()
+    print(f"L_distill on fixed σ/noise: {before:.4f} -> {after:.4f}")
+    assert after < before
+    assert os.path.isdir(tmp_path / "lora")
