@@ -1,0 +1,172 @@
+"""On a real single-node SLURM cluster (scripts/slurm_local.sh: Debian's slurm-wlm + munge, started here and
+stopped at the end, also on failure): `gsv3d sweep --submit`, requeue on SIGUSR1 with resume from Lightning's
+HPC checkpoint, then `gsv3d report` on the tiny ablation sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_sweep import REPO, make_standin, write_sweep_file
+
+pytestmark = pytest.mark.slurm
+
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+BIN = Path(sys.executable).parent
+HAVE_SLURM = all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in ("slurmctld", "slurmd", "munged", "sbatch"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private cluster (own state dir, ports, munge key); yields the environment for its clients and jobs."""
+    if not HAVE_SLURM:
+        pytest.skip("needs Debian's slurm-wlm and munge: apt-get install -y slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs as root (SlurmUser=root)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {
+        **os.environ,
+        "SLURM_LOCAL_DIR": str(state),
+        "SLURM_LOCAL_CTLD_PORT": str(_free_port()),
+        "SLURM_LOCAL_SLURMD_PORT": str(_free_port()),
+    }
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k.startswith("SLURM_LOCAL_")}
+    env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # jobs inherit the submitter's env: `gsv3d` is the venv's
+    try:
+        subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=120)
+        yield env
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, check=False, timeout=120)
+
+
+def _sh(args: list[str], env: dict, **kw) -> str:
+    return subprocess.run(args, env=env, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def _wait_job(job: str, env: dict, timeout: float, log_dir: Path) -> None:
+    """Until no task of array ``job`` is pending/running; fails with the task logs on timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not _sh(["squeue", "-h", "-j", job, "-o", "%i %T"], env).strip():
+            return
+        time.sleep(2)
+    logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.out")))
+    subprocess.run(["scancel", job], env=env, check=False)
+    pytest.fail(f"array job {job} not finished after {timeout:.0f}s:\n{_sh(['squeue'], env)}\n{logs}")
+
+
+def _jobcomp(env: dict) -> list[dict[str, str]]:
+    path = Path(env["SLURM_LOCAL_DIR"]) / "log" / "jobcomp.log"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rows.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
+    return rows
+
+
+def _submit(sweep_file: Path, out: Path, env: dict) -> str:
+    proc = subprocess.run([str(BIN / "gsv3d"), "sweep", str(sweep_file), "--submit", "--out", str(out)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    assert job.isdigit(), proc.stdout
+    return job
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_requeue_resumes_from_hpc_checkpoint(cluster, tmp_path):
+    """SIGUSR1 to the running steps -> Lightning saves hpc_ckpt_1.ckpt and requeues; the task restarts in the same
+    folder, resumes there and finishes at max_steps. The stand-in's weight counts applied steps: w == max_steps
+    means no step was applied twice and none was lost."""
+    max_steps = 12
+    standin_dir = tmp_path / "standin"
+    base = make_standin(standin_dir, max_steps=max_steps, step_sleep=0.7)
+    env = {**cluster, "PYTHONPATH": os.pathsep.join([str(standin_dir), str(REPO)])}
+    sweep_file = write_sweep_file(tmp_path / "rq.yaml", f"""
+        name: requeue
+        base: {base}
+        runs:
+          - name: full
+            overlays: [{REPO}/configs/ablations/full.yaml]
+        slurm: {{partition: debug, cpus_per_task: 1, time: "00:20:00"}}
+        """)
+    out = tmp_path / "requeue"
+    job = _submit(sweep_file, out, env)
+    run_dir = out / "full" / "seed0"
+    steps_log = run_dir / "steps.log"
+
+    end = time.monotonic() + 240
+    while time.monotonic() < end and (not steps_log.exists() or len(steps_log.read_text().split("\n")) < 4):
+        time.sleep(0.5)
+    assert steps_log.exists(), f"training never started: {[p.read_text() for p in (out / 'slurm').glob('*')]}"
+    # To the job steps (the srun'd Lightning process), as #SBATCH --signal=SIGUSR1@120 does near the time limit.
+    _sh(["scancel", "--signal=USR1", f"{job}_0"], env)
+    _wait_job(job, env, 600, out / "slurm")
+
+    log = (out / "slurm").glob("*.out")
+    log_text = "\n".join(p.read_text() for p in log)
+    assert "(restart 1)" in log_text, log_text[-3000:]
+    hpc = _ckpt(run_dir / "hpc_ckpt_1.ckpt")
+    resumed_at = hpc["global_step"]
+    assert 0 < resumed_at < max_steps
+    assert not (run_dir / "hpc_ckpt_2.ckpt").exists()
+
+    rows = [tuple(map(int, ln.split())) for ln in steps_log.read_text().splitlines()]
+    first = [s for s, r in rows if r == 0]
+    second = [s for s, r in rows if r == 1]
+    assert first == list(range(len(first))) and len(first) >= resumed_at  # trained up to (or just past) the save
+    assert second == list(range(resumed_at, max_steps))  # resumed exactly at the checkpoint, no gap, no repeat
+    assert len(first) - resumed_at <= 2  # at most the step in flight when SIGUSR1/SIGTERM came was redone
+
+    last = _ckpt(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == max_steps
+    assert float(last["state_dict"]["w"]) == float(max_steps)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["meta"]["w"] == float(max_steps)  # the test phase evaluated the final weights
+    assert Path(metrics["meta"]["ckpt_path"]) == run_dir / "checkpoints" / "last.ckpt"
+    states = [r["JobState"] for r in _jobcomp(env) if r.get("ArrayJobId") == job]
+    assert states and states[-1] == "COMPLETED", states
+
+
+@pytest.mark.slow
+def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
+    """configs/sweeps/ablations_tiny.yaml, submitted as is: every row of the report has numbers."""
+    tiny = REPO / "configs" / "decoder" / "tiny.yaml"
+    if not tiny.exists():
+        pytest.skip("configs/decoder/tiny.yaml not written yet")
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "ablations_tiny"
+    job = _submit(REPO / "configs" / "sweeps" / "ablations_tiny.yaml", out, env)
+    _wait_job(job, env, float(os.environ.get("GSV3D_SLURM_SWEEP_TIMEOUT", 3000)), out / "slurm")
+
+    proc = subprocess.run([str(BIN / "gsv3d"), "report", str(out), "--strict"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    logs = "\n".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
+            for ln in proc.stdout.splitlines() if ln.startswith("| ") and "Method" not in ln}
+    assert list(rows) == ["w/o RGB loss", "w/o Depth loss", "N = 8", "N = 4", "w/o DINO encoder", "Full Model"]
+    for label, cells in rows.items():
+        psnr = float(cells[0])  # one seed: a plain number
+        assert 0.0 < psnr < 100.0, (label, cells)
+    for run in ("no_rgb", "no_depth", "n8", "n4", "no_dino", "full"):
+        run_dir = out / run / "seed0"
+        assert (run_dir / "fit.done").exists() and (run_dir / "test.done").exists()
+        assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4  # trainer.max_steps of the sweep
