@@ -26,8 +26,11 @@ def _reroot(value, root: str):
     """A relative path is taken relative to ``root`` (trainer.default_root_dir); absolute paths stay."""
     if value is None or root is None:
         return value
-    p = Path(str(value))
-    return value if p.is_absolute() else str(Path(root) / p)
+    p, r = Path(str(value)), Path(str(root))
+    # Absolute paths, and paths a config already derived from the root (`${....default_root_dir}/x`), stay.
+    if p.is_absolute() or p == r or r in p.parents:
+        return value
+    return str(r / p)
 
 
 def reroot_run_paths(trainer_cfg) -> None:

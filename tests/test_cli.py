@@ -56,3 +56,30 @@ def test_misspelled_trainer_key_is_named(tmp_path, capsys):
     code, out = run_main(["fit", "--config", str(TINY), "--config", str(bad), "--print_config"], capsys)
     assert code != 0
     assert "max_stepz" in out
+
+
+def test_run_paths_follow_default_root_dir():
+    from jsonargparse import Namespace
+
+    from gsv3d_pl.cli import reroot_run_paths
+
+    def cfg(ckpt_dir, save_dir):
+        return Namespace(
+            default_root_dir="runs/sweep/a/seed0",
+            logger=[Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                              init_args=Namespace(save_dir=save_dir, name="csv"))],
+            callbacks=[Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                                 init_args=Namespace(dirpath=ckpt_dir, save_last=True))],
+        )
+
+    c = cfg("checkpoints", ".")  # the configs' relative form
+    reroot_run_paths(c)
+    assert c.callbacks[0].init_args.dirpath == "runs/sweep/a/seed0/checkpoints"
+    assert c.logger[0].init_args.save_dir == "runs/sweep/a/seed0"
+    c = cfg("/abs/ckpts", "runs/sweep/a/seed0")  # absolute, or already under the root: unchanged
+    reroot_run_paths(c)
+    assert c.callbacks[0].init_args.dirpath == "/abs/ckpts"
+    assert c.logger[0].init_args.save_dir == "runs/sweep/a/seed0"
+    c = cfg(None, ".")  # no dirpath: the run folder's checkpoints/, not Lightning's versioned default
+    reroot_run_paths(c)
+    assert c.callbacks[0].init_args.dirpath == "runs/sweep/a/seed0/checkpoints"

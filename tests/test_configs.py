@@ -49,4 +49,4 @@ def test_sweep_file_parses(path):
     from gsv3d_pl.sweep import load_sweep
 
     sweep = load_sweep(path)
-    assert len(sweep.tasks) > 0
+    assert len(sweep.runs) > 0

@@ -251,7 +251,6 @@ def test_cli_fit_tiny_end_to_end(tmp_path):
     run = tmp_path / "run"
     res = _cli(["fit", "--config", "configs/decoder/tiny.yaml", "--trainer.default_root_dir", str(run),
                 "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-                "--trainer.callbacks.init_args.every_n_train_steps", "2",
                 "--data.init_args.toy_objects", "10", "--data.init_args.cache_dir", str(tmp_path / "cache")],
                timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -137,7 +137,10 @@ def test_ddp_cpu_two_processes(tmp_path):
     """`--trainer.devices=2 --trainer.strategy=ddp` on CPU (gloo): both ranks train, on different objects."""
     import json
 
-    res = subprocess.run([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+    # A script file, not `python -c`: Lightning's DDP launcher re-runs sys.argv for rank 1.
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
