@@ -182,8 +182,16 @@ def test_fit_validates_and_writes_heldout_eval(tmp_path):
     trainer.fit(stage, dm)
     assert dm.encoder_key == stage.vae.weights_key()  # the latent cache was requested
     assert "val/psnr" in trainer.callback_metrics
-    pngs = sorted(os.listdir(tmp_path / "images"))
+    pngs = sorted(p for p in os.listdir(tmp_path / "images") if p.endswith(".png"))
     assert pngs == ["val_step0000003.png", "val_step0000006.png"]
+    # end of fit: a turntable and the .ply of the first validation object
+    from gsv3d_pl.gaussians import Gaussians
+
+    videos = list((tmp_path / "images").glob("turntable_val0.*"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 0
+    g = Gaussians.load_ply(tmp_path / "images" / "val0.ply")
+    assert g.num_gaussians > 0 and g.num_gaussians % stage.decoder.upsample**2 == 0
+    assert torch.isfinite(g.means).all()
     res = json.loads((tmp_path / "heldout_eval.json").read_text())
     assert {"psnr", "ssim", "baseline_psnr", "num_objects"} <= res.keys()
     assert res["num_objects"] == 2 and res["num_views"] == 2 * (23 - 2)
