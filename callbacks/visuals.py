@@ -1,5 +1,6 @@
-"""Validation/test image grids: for each object a row of ground-truth views, a row of predictions and a
-row of predicted depth, saved to ``<run>/images/`` and to the TensorBoard logger.
+"""Validation/test image grids: for each object a row of its input views, a row of ground-truth views, a row of
+predictions and a row of Turbo-coloured predicted depth, saved to ``<run>/images/`` and to the TensorBoard logger;
+at the end of fit, a turntable and the ``.ply`` of the first validation object.
 
 Consumes the ``validation_step``/``test_step`` output dict of the stages (contract 5): ``gt_images``,
 ``pred_images`` [B, V, 3, H, W], ``pred_depths``, ``pred_alphas`` [B, V, 1, H, W].
@@ -14,26 +15,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
 
 from gsv3d_pl.viz import colorize_depth, render_turntable, save_video
 
-__all__ = ["ValidationImages", "make_grid", "depth_to_rgb"]
-
-
-def depth_to_rgb(depth: Tensor, alpha: Tensor, background: float = 1.0) -> Tensor:
-    """Depth [V, 1, H, W] -> [V, 3, H, W] in [0, 1]: near bright, far dark, normalised over the covered pixels
-    (alpha > 0.5) of all V views together; uncovered pixels get ``background``."""
-    mask = alpha > 0.5  # [V, 1, H, W]
-    if mask.any():
-        d = depth[mask]
-        lo, hi = float(d.min()), float(d.max())
-    else:
-        lo, hi = 0.0, 1.0
-    x = 1.0 - ((depth - lo) / max(hi - lo, 1e-6)).clamp(0, 1)  # [V, 1, H, W], 1 = nearest
-    x = 0.15 + 0.85 * x  # keep the farthest surface distinguishable from black
-    x = torch.where(mask, x, torch.full_like(x, background))
-    return x.expand(-1, 3, -1, -1)
+__all__ = ["ValidationImages", "make_grid"]
 
 
 def make_grid(outputs: dict, num_objects: int, max_views: int, pad: int = 2) -> np.ndarray:
