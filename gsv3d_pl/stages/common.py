@@ -83,6 +83,18 @@ class StageBase(pl.LightningModule):
         self.render_backend = render_backend
 
     # ---- frozen modules stay out of checkpoints -------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Ask the datamodule (duck-typed: gsv3d_pl never imports datamodules) to cache frozen-VAE latents.
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.use_latent_cache and dm is not None and hasattr(dm, "set_latent_encoder"):
+            dm.set_latent_encoder(self._encode_for_cache, self.vae.weights_key())
+
+    @torch.no_grad()
+    def _encode_for_cache(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, h, w] (CPU, fp32) for the datamodule's cache.
+        Subclasses hold ``self.vae`` and ``self.use_latent_cache``."""
+        return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
+
     def _frozen_prefixes(self) -> tuple[str, ...]:
         return tuple(f"{name}." for name in self._frozen if getattr(self, name, None) is not None)
 

@@ -141,16 +141,6 @@ class DecoderStage(StageBase):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()]
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.use_latent_cache and dm is not None and hasattr(dm, "set_latent_encoder"):
-            dm.set_latent_encoder(self._encode_for_cache, self.vae.weights_key())
-
-    @torch.no_grad()
-    def _encode_for_cache(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, h, w] (CPU, fp32) for the datamodule's cache."""
-        return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
-
     # ---- forward ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def input_latents(self, batch: dict) -> Tensor:

@@ -219,15 +219,6 @@ class DistillStage(StageBase):
         for lg in self.loggers:
             lg.log_hyperparams({"num_lora_params": self.num_lora_params})
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.use_latent_cache and dm is not None and hasattr(dm, "set_latent_encoder"):
-            dm.set_latent_encoder(self._encode_for_cache, self.vae.weights_key())
-
-    @torch.no_grad()
-    def _encode_for_cache(self, images: Tensor) -> Tensor:
-        return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
-
     # ---- conditioning -------------------------------------------------------------------------------------
     @torch.no_grad()
     def orbit_latents(self, batch: dict) -> Tensor:
