@@ -133,12 +133,12 @@ def objaverse_root(root: str | os.PathLike):
 _RENDERERS: dict = {}
 
 
-def _renderer(resolution: int, samples: int, max_faces: int | None):
+def _renderer(resolution: int, supersample: int, max_faces: int | None):
     from datamodules.mesh_render import MeshRenderer
 
-    key = (resolution, samples, max_faces)
+    key = (resolution, supersample, max_faces)
     if key not in _RENDERERS:
-        _RENDERERS[key] = MeshRenderer(resolution, samples=samples, max_faces=max_faces)
+        _RENDERERS[key] = MeshRenderer(resolution, supersample=supersample, max_faces=max_faces)
     return _RENDERERS[key]
 
 
@@ -168,7 +168,7 @@ def render_object_to_cache(uid: str, mesh_path: str, out_path: str, cfg: dict) -
     """
     from datamodules.mesh_render import BadMeshError, load_mesh
 
-    r = _renderer(cfg["resolution"], cfg["samples"], cfg["max_faces"])
+    r = _renderer(cfg["resolution"], cfg["supersample"], cfg["max_faces"])
     try:
         mesh = load_mesh(mesh_path, max_faces=cfg["max_faces"], max_texture_size=cfg["max_texture_size"])
     except BadMeshError as e:
@@ -344,7 +344,8 @@ class ObjaverseDataModule(LightningDataModule):
         val_fraction, test_fraction: split by uid hash.
         eval_input_indices: fixed input frames for val/test; default N evenly spaced orbit frames including 20.
         include_input_view: in training, always include frame 20 among the N random input views.
-        samples, max_faces, max_texture_size, min_view_pixels: renderer settings / bad-object thresholds.
+        supersample: anti-aliasing, s×s sub-samples per pixel (see :class:`datamodules.mesh_render.MeshRenderer`).
+        max_faces, max_texture_size, min_view_pixels: bad-object thresholds / texture downscaling.
         render_workers: processes for ``prepare_data`` rendering (0 = in process).
         retry_skipped: re-attempt objects listed in ``skipped.jsonl``.
     """
@@ -376,7 +377,7 @@ class ObjaverseDataModule(LightningDataModule):
         test_fraction: float = 0.05,
         eval_input_indices: list[int] | None = None,
         include_input_view: bool = False,
-        samples: int = 4,
+        supersample: int = 2,
         max_faces: int | None = 500_000,
         max_texture_size: int = 2048,
         min_view_pixels: int = 1,
@@ -426,14 +427,14 @@ class ObjaverseDataModule(LightningDataModule):
             "format": CACHE_FORMAT, "resolution": self.resolution, "num_extra_views": self.num_extra_views,
             "elevation_deg": elevation_deg, "elevation_range_deg": list(elevation_range_deg),
             "extra_elevation_range_deg": list(extra_elevation_range_deg), "radius": float(radius),
-            "fov_deg": float(fov_deg), "samples": int(samples), "max_faces": max_faces,
+            "fov_deg": float(fov_deg), "supersample": int(supersample), "max_faces": max_faces,
             "max_texture_size": int(max_texture_size), "min_view_pixels": int(min_view_pixels),
             # 16-bit depth quantisation step: covers depths up to radius + 2 with ~5e-5 world-unit steps
             "depth_unit": (float(radius) + 2.0) / 65535.0,
         }
         from datamodules.mesh_render import MeshRenderer  # renderer settings belong to the cache key
 
-        self.render_cfg["renderer"] = MeshRenderer(self.resolution, samples=samples, max_faces=max_faces,
+        self.render_cfg["renderer"] = MeshRenderer(self.resolution, supersample=supersample, max_faces=max_faces,
                                                    max_texture_size=max_texture_size).settings()
         tag = hashlib.sha1(json.dumps(self.render_cfg, sort_keys=True).encode()).hexdigest()[:10]
         self.cache_path = os.path.join(self.cache_dir, f"r{self.resolution}_q{NUM_ORBIT + self.num_extra_views}_{tag}")
