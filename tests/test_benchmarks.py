@@ -1,0 +1,22 @@
+"""The benchmark scripts run and print their tables (tiny sizes; the numbers themselves are not asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_render_prints_views_per_second():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_render.py"), "--sizes", "32", "64", "--views", "4",
+         "--repeats", "1", "--faces", "2000", "--cycles-views", "0", "--no-loader"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rates = {int(m.group(1)): float(m.group(2))
+             for m in re.finditer(r"(\d+)x\1: +([\d.]+) views/s", out.stdout)}
+    assert set(rates) == {32, 64} and all(r > 0 for r in rates.values()), out.stdout
+    assert "Blender Cycles anchor: skipped" in out.stdout
