@@ -3,22 +3,22 @@
 What it renders, per camera (OpenCV ``c2w`` [4, 4] and ``K`` [3, 3] from :mod:`gsv3d_pl.cameras`):
 
 - ``rgb`` [H, W, 3]: albedo (baseColor texture × baseColorFactor × vertex colour) lit by a world-fixed Lambert
-  rig plus ambient, anti-aliased with s×s supersampling (default 2×2: four coverage samples per pixel, like 4×
-  MSAA), composited on the background colour. The lights are fixed in the world (not on the camera) so one
-  surface point has the same colour in every view: the GS decoder predicts view-independent colours, and a
-  headlight would make the views disagree.
+  rig plus ambient (evaluated per vertex), anti-aliased with s×s supersampling (default 2×2: four coverage
+  samples per pixel, like 4× MSAA), composited on the background colour. The lights are fixed in the world
+  (not on the camera) so one surface point has the same colour in every view: the GS decoder predicts
+  view-independent colours, and a headlight would make the views disagree.
 - ``alpha`` [H, W, 1]: coverage in [0, 1] (the mean over the sub-samples, so edges are fractional).
-- ``depth`` [H, W, 1]: planar camera-space z in world units, 0 where no sub-sample is covered. The same pass
-  writes the interpolated camera z into a float32 target (the exact linearisation of the z-buffer, no 24-bit
-  quantisation). The pixel's depth is the harmonic mean of its front-most covered sub-samples: for a surface
-  that is planar across the pixel this is exactly the z at the pixel centre (1/z is affine in screen space and
-  the sub-samples are symmetric about the centre), and at an edge it never averages two surfaces into a depth
-  that lies on neither.
+- ``depth`` [H, W, 1]: planar camera-space z in world units, 0 where no sub-sample is covered (so depth > 0
+  exactly where alpha > 0). Every sub-sample stores, in a float32 target, the z that its triangle has at the
+  *pixel centre*: 1/z is affine in screen space on a triangle, so extrapolating it by its screen derivatives is
+  exact (no z-buffer quantisation either). The pixel takes the value most covered sub-samples agree on (ties:
+  the nearest). Wherever one triangle's plane covers most of the pixel this is exactly the centre depth that a
+  single-sample render (or a ray cast) gives, and at an edge it is one surface's depth, never an average of two.
 
 Why supersampling and not MSAA: on Mesa's llvmpipe (the CPU path) 4× MSAA added ~35 ms per 256² view to the
 rasterisation of a 50k-face mesh even with a trivial fragment shader, while rendering 512² single-sampled costs
-~15 ms more than 256². One pass at 2× resolution with two render targets (colour, z) then replaces the MSAA
-colour pass plus a separate single-sample depth pass (benchmarks/bench_render.py).
+~15 ms more than 256². One pass at 2× resolution with two render targets (colour, z) and a small resolve pass
+replace the MSAA colour pass plus a separate single-sample depth pass (benchmarks/bench_render.py).
 
 Projection: the GL projection is built from K so that pixel (u, v) has its centre at (u + 0.5, v + 0.5), exactly
 as :func:`gsv3d_pl.cameras.pixel_rays` and the Gaussian rasteriser see it. Rows come back top-to-bottom.
@@ -314,10 +314,9 @@ def get_gl_context():
 
 # Lighting is per vertex (Gouraud) and folded into the colour: on llvmpipe every varying costs set-up time per
 # triangle, which made the 50k-face benchmark mesh geometry-bound. Each primitive gets the program variant it needs
-# (TEX: a base-colour texture; VCOL: colours that vary per vertex, else a uniform factor; MASK: alpha-tested),
-# so a textured mesh
-# interpolates 3 floats (UV, light) and a plain one 1, instead of 13 for per-pixel lighting. The camera z needs no
-# varying: with the projection below w_clip = z_cam, so z = 1 / gl_FragCoord.w.
+# (TEX: a base-colour texture; VCOL: colours that vary per vertex, else a uniform factor; MASK: alpha-tested), so
+# a textured mesh interpolates 3 floats (UV, light) and a plain one 1, instead of 13 for per-pixel lighting. The
+# camera z needs no varying: with the projection below w_clip = z_cam, so z = 1 / gl_FragCoord.w.
 _VS = """
 uniform mat4 u_w2c;    // world -> OpenCV camera
 uniform mat4 u_proj;   // OpenCV camera -> clip (built from K)
