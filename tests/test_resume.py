@@ -75,7 +75,9 @@ def test_killed_run_resumes_with_identical_step_and_optimizer_state(tmp_path):
         while time.time() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"training process ended early: {proc.stderr.read()[-2000:]}")
-            if (root / "checkpoints" / f"epoch=1-step={k}.ckpt").exists():
+            # ModelCheckpoint writes step k's checkpoint and *then* last.ckpt: waiting for step k + 1's file
+            # guarantees that last.ckpt holds step >= k when the kill lands (k itself raced in CI)
+            if list((root / "checkpoints").glob(f"*-step={k + 1}.ckpt")):
                 break
             time.sleep(0.2)
         else:
