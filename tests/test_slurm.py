@@ -95,7 +95,7 @@ def test_requeue_resumes_from_hpc_checkpoint(cluster, tmp_path):
     """SIGUSR1 to the running steps -> Lightning saves hpc_ckpt_1.ckpt and requeues; the task restarts in the same
     folder, resumes there and finishes at max_steps. The stand-in's weight counts applied steps: w == max_steps
     means no step was applied twice and none was lost."""
-    max_steps = 12
+    max_steps = 20  # ~14 s of 0.7 s steps: room for a slow scancel on a loaded machine to land mid-run
     standin_dir = tmp_path / "standin"
     base = make_standin(standin_dir, max_steps=max_steps, step_sleep=0.7)
     env = {**cluster, "PYTHONPATH": os.pathsep.join([str(standin_dir), str(REPO)])}
