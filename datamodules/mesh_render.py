@@ -496,6 +496,7 @@ class _GPUMesh:
     def __init__(self, ctx, program, mesh: MeshData):
         self.items = []  # (program, vao, texture|None, primitive)
         self._res = []
+        self.radius = mesh.bounding_radius  # for the near/far planes
         for p in mesh.primitives:
             V = len(p.positions)
             uv = p.uvs if p.uvs is not None else np.zeros((V, 2), np.float32)
@@ -521,11 +522,6 @@ class _GPUMesh:
                 tex.repeat_x = tex.repeat_y = True
             self.items.append((prog, vao, tex, p))
             self._res += [vbo, ibo, vao] + ([tex] if tex is not None else [])
-
-    @property
-    def radius(self) -> float:
-        """Radius of the origin-centred sphere that holds every vertex (for near/far planes)."""
-        return max(float(np.linalg.norm(it[3].positions, axis=-1).max()) for it in self.items)
 
     def release(self):
         for r in self._res:

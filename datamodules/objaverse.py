@@ -387,6 +387,9 @@ class ObjaverseDataModule(LightningDataModule):
         super().__init__()
         if not 1 <= num_input_views <= NUM_ORBIT:
             raise ValueError(f"data.init_args.num_input_views must be in [1, {NUM_ORBIT}], got {num_input_views}")
+        if not 1 <= supersample <= 4:
+            raise ValueError(f"data.init_args.supersample must be in 1..4 (sub-samples per pixel side; 1 = no "
+                             f"anti-aliasing, 2 = the default 2×2), got {supersample}")
         if not (mesh_dir or uids_file or lvis_categories or toy_objects):
             raise ValueError("ObjaverseDataModule needs a source: set data.init_args.toy_objects, mesh_dir, "
                              "uids_file or lvis_categories")

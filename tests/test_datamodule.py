@@ -189,3 +189,9 @@ data:
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("rendered=3 skipped=0 cache=") and os.path.isdir(last.split("cache=")[1])
+
+
+@pytest.mark.parametrize("bad", [0, 5])
+def test_bad_supersample_names_the_key(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"data\.init_args\.supersample must be in 1\.\.4"):
+        ObjaverseDataModule(toy_objects=2, resolution=32, cache_dir=str(tmp_path), supersample=bad)
