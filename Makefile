@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install torch ($$TORCH_SPEC) then the package with dev extras (idempotent)
+install: $(STAMP) ## create .venv, install torch (TORCH_SPEC, default torch==2.14.1 torchvision==0.29.1) then the package with dev extras (idempotent)
 
 demo: $(STAMP) ## the main job on the embedded default: toy set -> decoder (stage 1) -> LoRA distill (stage 2), CPU
 	$(VENV)/bin/gsv3d fit --config configs/decoder/tiny.yaml
