@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gsv3d_pl.render import render
+
 __all__ = ["L3DWeights", "render_views", "render_loss", "view_losses", "NonFiniteLossError", "check_finite"]
 
 DEPTH_MODES = ("all", "foreground")
@@ -79,36 +81,12 @@ def render_views(
     backend: str = "auto",
     chunk: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Render a batch of Gaussian sets at V cameras each, channels-first, ``chunk`` views at a time.
+    """:func:`gsv3d_pl.render.render` with the stages' positional order (``chunk`` = views per call).
 
-    Args:
-        gaussians: :class:`gsv3d_pl.gaussians.Gaussians` with batch shape [B] (G Gaussians each).
-        c2w: [B, V, 4, 4] OpenCV camera-to-world.
-        K: [B, V, 3, 3] intrinsics at the render size.
-        background: scalar or [3] RGB background.
-        chunk: views per rasterizer call (None = all at once).
-    Returns:
-        rgb [B, V, 3, H, W], alpha [B, V, 1, H, W], depth [B, V, 1, H, W] (expected planar depth).
+    Returns rgb [B, V, 3, H, W], alpha [B, V, 1, H, W], depth [B, V, 1, H, W] for Gaussians [B] at c2w
+    [B, V, 4, 4] and K [B, V, 3, 3].
     """
-    from gsv3d_pl.render import rasterize
-
-    B, V = c2w.shape[:2]
-    chunk = V if not chunk else int(chunk)
-    viewmats = torch.linalg.inv(c2w.float())  # [B, V, 4, 4]
-    bg = torch.as_tensor(background, dtype=torch.float32, device=c2w.device).expand(3)  # [3]
-    outs = []
-    for s in range(0, V, chunk):
-        vm, k = viewmats[:, s:s + chunk], K[:, s:s + chunk].float()
-        bgs = bg.expand(B, vm.shape[1], 3)  # [B, c, 3]
-        with torch.autocast(c2w.device.type, enabled=False):  # the rasterizer runs in fp32 under bf16 runs
-            rgb, alpha, depth = rasterize(
-                gaussians.means.float(), gaussians.quats.float(), gaussians.scales.float(),
-                gaussians.opacities.float(), gaussians.colors.float(), vm, k, width, height,
-                backgrounds=bgs, backend=backend,
-            )  # [B, c, H, W, 3], [B, c, H, W, 1], [B, c, H, W, 1]
-        outs.append((rgb, alpha, depth))
-    rgb, alpha, depth = (torch.cat([o[i] for o in outs], dim=1).movedim(-1, -3) for i in range(3))
-    return rgb, alpha, depth
+    return tuple(render(gaussians, c2w, K, width, height, background, backend, chunk_views=chunk))
 
 
 def view_losses(
