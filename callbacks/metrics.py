@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
 from gsv3d_pl.metrics.results import merge_metrics
@@ -218,7 +219,7 @@ class AppearanceMetrics(_EvalCallback):
             return {}, {"smoke": self.mode == "smoke"}
         n_views = int(sum(len(r["psnr"]) for r in records.values()))
         out = {}
-        for k in ("psnr", "ssim", "lpips", "clip_iqa"):  # mean over all (object, view) images
+        for k in PER_IMAGE_KEYS:  # mean over all (object, view) images
             out[k] = _stat(list(np.concatenate([r[k] for r in records.values()])), n_obj, n_views)
         real = torch.cat([r["real"] for r in records.values()])  # [n_views, d]
         fake = torch.cat([r["fake"] for r in records.values()])
@@ -287,7 +288,7 @@ class GeometryMetrics(_EvalCallback):
         if n_obj == 0:
             return {}, meta
         n_views = int(sum(r["num_views"] for r in records.values()))
-        out = {k: _stat([r[k] for r in records.values()], n_obj, n_views) for k in ("chamfer", "iou", "fscore")}
+        out = {k: _stat([r[k] for r in records.values()], n_obj, n_views) for k in GEOMETRY_KEYS}
         meta.update({
             "num_non_watertight": int(sum(1 - r["watertight"] for r in records.values())),
             "geometry": {k: self.kwargs[k] for k in ("num_gt_points", "num_pred_points", "alpha_threshold",

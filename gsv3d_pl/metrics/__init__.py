@@ -1,8 +1,10 @@
-"""Evaluation metrics: geometry (Chamfer, F-Score, volume IoU), the image-metric factory, result files.
+"""Evaluation metrics: geometry (Chamfer, F-Score, volume IoU), the image-metric factory, the metric columns, result
+files.
 
 ``gsv3d_pl.metrics.image`` pulls in torchmetrics/open_clip: import it (or ``build_image_metrics``) explicitly.
 """
 
+from gsv3d_pl.metrics.columns import ABLATION_COLUMNS, COLUMNS, METRIC_KEYS, Column
 from gsv3d_pl.metrics.geometry import (
     chamfer_distance,
     depth_to_points,
@@ -14,7 +16,7 @@ from gsv3d_pl.metrics.geometry import (
     sample_surface,
     volume_iou,
 )
-from gsv3d_pl.metrics.results import METRIC_KEYS, PAPER_ROWS, merge_metrics, results_markdown
+from gsv3d_pl.metrics.results import PAPER_ROWS, merge_metrics, results_markdown
 
 __all__ = [
     "chamfer_distance",
@@ -26,6 +28,9 @@ __all__ = [
     "load_normalized_mesh",
     "sample_surface",
     "evaluate_geometry",
+    "Column",
+    "COLUMNS",
+    "ABLATION_COLUMNS",
     "METRIC_KEYS",
     "PAPER_ROWS",
     "merge_metrics",

@@ -16,33 +16,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 
-__all__ = ["METRIC_KEYS", "COLUMNS", "PAPER_ROWS", "NOT_IN_DOCS", "merge_metrics", "results_markdown",
-           "metrics_csv", "atomic_write_text"]
+from gsv3d_pl.io import write_json_atomic, write_text_atomic
+from gsv3d_pl.metrics.columns import COLUMNS, METRIC_KEYS
 
-METRIC_KEYS = ("psnr", "ssim", "lpips", "fid", "kid", "clip_iqa", "chamfer", "iou", "fscore")
-
-# (key, header, format) in the paper's column order; the F-Score header gets τ filled in.
-COLUMNS = [
-    ("psnr", "PSNR↑", "{:.3f}"),
-    ("ssim", "SSIM↑", "{:.3f}"),
-    ("lpips", "LPIPS↓", "{:.3f}"),
-    ("fid", "FID↓", "{:.2f}"),
-    ("kid", "KID↓", "{:.3f}"),
-    ("clip_iqa", "CLIP-IQA↑", "{:.3f}"),
-    ("chamfer", "CD↓", "{:.3f}"),
-    ("iou", "IoU↑", "{:.3f}"),
-    ("fscore", "F-Score@{tau}↑", "{:.3f}"),
-]
+__all__ = ["METRIC_KEYS", "PAPER_ROWS", "NOT_IN_DOCS", "merge_metrics", "results_markdown", "metrics_csv"]
 
 NOT_IN_DOCS = "n/a (fill from the paper, Table 1)"
 
-# The paper's reported rows (GSV3D, ICCV 2025, Table 1). Only the GSV3D row is in our sources
-# (DESIGN.md / REFERENCES.md); the baselines' numbers are NOT invented here: None prints NOT_IN_DOCS.
+# The paper's reported rows (GSV3D, ICCV 2025, Table 1). Only the GSV3D row is in this project's sources; the
+# baselines' numbers are NOT invented here: None prints NOT_IN_DOCS.
 PAPER_ROWS: dict[str, dict[str, float | None]] = {
     "GA": dict.fromkeys(METRIC_KEYS),
     "TGS": dict.fromkeys(METRIC_KEYS),
@@ -55,41 +40,20 @@ PAPER_ROWS: dict[str, dict[str, float | None]] = {
 }
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fmt(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return fmt.format(value)
-
-
 def results_markdown(data: dict) -> str:
     """The paper's table (Markdown) with this run's row appended, from a metrics.json dict."""
     meta = data.get("meta", {})
     tau = meta.get("fscore_tau", 0.05)
-    headers = ["Method"] + [h.format(tau=tau) for _, h, _ in COLUMNS]
+    headers = ["Method"] + [c.header(tau) for c in COLUMNS]
     smoke = bool(meta.get("smoke"))
     run_label = "**this run (SMOKE: random-init metric networks, not comparable)**" if smoke else "**this run**"
     lines = ["# Results", ""]
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "---|" * len(headers))
     for name, row in PAPER_ROWS.items():
-        cells = [_fmt(row.get(k), f) if row.get(k) is not None else "n/a" for k, _, f in COLUMNS]
+        cells = [c.format(row.get(c.key), missing="n/a") for c in COLUMNS]
         lines.append(f"| {name} (paper) | " + " | ".join(cells) + " |")
-    run_cells = [_fmt((data.get(k) or {}).get("value"), f) for k, _, f in COLUMNS]
+    run_cells = [c.format((data.get(c.key) or {}).get("value")) for c in COLUMNS]
     lines.append(f"| {run_label} | " + " | ".join(run_cells) + " |")
     counts = {k: data[k] for k in METRIC_KEYS if k in data}
     n_obj = sorted({v.get("num_objects") for v in counts.values()})
@@ -147,7 +111,7 @@ def merge_metrics(run_dir: str | os.PathLike, metrics: dict[str, dict], meta: di
     data["meta"]["smoke"] = bool(data["meta"].get("smoke", False) or meta.get("smoke", False))
     ordered = {k: data[k] for k in METRIC_KEYS if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
-    atomic_write_text(path, json.dumps(ordered, indent=2, allow_nan=True) + "\n")
-    atomic_write_text(run_dir / "metrics.csv", metrics_csv(ordered))
-    atomic_write_text(run_dir / "results.md", results_markdown(ordered))
+    write_json_atomic(path, ordered, allow_nan=True)
+    write_text_atomic(run_dir / "metrics.csv", metrics_csv(ordered))
+    write_text_atomic(run_dir / "results.md", results_markdown(ordered))
     return ordered

@@ -1,0 +1,78 @@
+"""The metric columns, defined once: ``metrics.json`` key, table header, decimals, direction and who computes it.
+
+``results.md`` (:mod:`gsv3d_pl.metrics.results`), the sweep's ablation table (``gsv3d report``) and the metric
+callbacks all read this table, so a column's name, order and precision cannot disagree between them. Decimals
+follow the paper's Table 1 (FID and KID with 2, the rest with 3).
+
+    for col in COLUMNS: col.key, col.header(), col.format(0.2134)     # "kid", "KID↓", "0.21"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "METRIC_KEYS", "PER_IMAGE_KEYS", "SET_KEYS", "GEOMETRY_KEYS"]
+
+# What computes a column: the mean of a per-image score over all (object, view) images; a statistic of the whole
+# set of views (feature distributions); or the mean of a per-object geometry score.
+PER_IMAGE, SET, GEOMETRY = "per_image", "set", "geometry"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metric column.
+
+    Attributes:
+        key: the ``metrics.json`` key (also ``val/<key>`` in the logs).
+        name: the paper's column name, without the arrow.
+        decimals: digits after the point in tables.
+        higher_is_better: the arrow: ↑ when True, ↓ when False.
+        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` (see above).
+        thresholded: the header names the threshold it was computed at (F-Score@τ).
+    """
+
+    key: str
+    name: str
+    decimals: int
+    higher_is_better: bool
+    kind: str
+    thresholded: bool = False
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+    def header(self, tau: float | None = None) -> str:
+        """``"PSNR↑"``; a thresholded column given ``tau`` reads ``"F-Score@0.05↑"``."""
+        at = f"@{tau}" if self.thresholded and tau is not None else ""
+        return f"{self.name}{at}{self.arrow}"
+
+    def format(self, value: float | None, missing: str = "–") -> str:
+        """``value`` with this column's decimals; ``missing`` for None, NaN or inf."""
+        if value is None or not math.isfinite(float(value)):
+            return missing
+        return f"{float(value):.{self.decimals}f}"
+
+
+# The paper's Table 1, in its order.
+COLUMNS: tuple[Column, ...] = (
+    Column("psnr", "PSNR", 3, True, PER_IMAGE),
+    Column("ssim", "SSIM", 3, True, PER_IMAGE),
+    Column("lpips", "LPIPS", 3, False, PER_IMAGE),
+    Column("fid", "FID", 2, False, SET),
+    Column("kid", "KID", 2, False, SET),
+    Column("clip_iqa", "CLIP-IQA", 3, True, PER_IMAGE),
+    Column("chamfer", "CD", 3, False, GEOMETRY),
+    Column("iou", "IoU", 3, True, GEOMETRY),
+    Column("fscore", "F-Score", 3, True, GEOMETRY, thresholded=True),
+)
+
+# The paper's ablation table has every column of Table 1 but CLIP-IQA.
+ABLATION_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.key != "clip_iqa")
+
+METRIC_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS)
+PER_IMAGE_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == PER_IMAGE)  # AppearanceMetrics
+SET_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == SET)  # AppearanceMetrics (FID, KID)
+GEOMETRY_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == GEOMETRY)  # GeometryMetrics
+
