@@ -1,11 +1,13 @@
 """Evaluation callbacks: appearance (PSNR, SSIM, LPIPS, FID, KID, CLIP-IQA) and geometry (CD, IoU, F-Score).
 
-Both consume what ``test_step`` (and ``validation_step``) return (contract 5)::
+Both consume what ``test_step`` (and ``validation_step``) return, the novel-view result of
+:data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`::
 
     pred_images [B, V, 3, H, W], gt_images [B, V, 3, H, W], pred_alphas / pred_depths [B, V, 1, H, W],
     eval_c2w [B, V, 4, 4], eval_K [B, V, 3, 3], gaussians (Gaussians, batch [B])
 
-plus the batch (contract 4: ``uid``, ``mesh_path``, ``norm_center`` [B, 3], ``norm_scale`` [B]).
+plus these keys of the multi-view batch (:data:`gsv3d_pl.batch.BATCH_KEYS`): ``uid``, ``mesh_path``,
+``norm_center`` [B, 3], ``norm_scale`` [B].
 
 Design:
 - The metric networks live in the callback (built in ``setup``), never in the LightningModule, so they
@@ -80,15 +82,16 @@ def _config_paths() -> str | None:
 def _check_outputs(outputs: Any, who: str) -> dict:
     if not isinstance(outputs, dict) or any(k not in outputs for k in _REQUIRED_OUT):
         have = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-        raise KeyError(f"{who}: test_step/validation_step must return a dict with keys {list(_REQUIRED_OUT)} "
-                       f"(contract 5); got {have}")
+        raise KeyError(f"{who}: test_step/validation_step must return the novel-view result "
+                       f"(gsv3d_pl.batch.NOVEL_VIEW_KEYS) with keys {list(_REQUIRED_OUT)}; got {have}")
     return outputs
 
 
 def _uids(batch: dict, n: int) -> list[str]:
     uid = batch.get("uid") if isinstance(batch, dict) else None
     if uid is None:
-        raise KeyError("metric callbacks: the batch has no 'uid' key (contract 4); it identifies objects across ranks")
+        raise KeyError("metric callbacks: the batch has no 'uid' key (gsv3d_pl.batch.BATCH_KEYS); it identifies "
+                       "objects across ranks")
     return [str(u) for u in (uid if isinstance(uid, (list, tuple)) else [uid] * n)]
 
 
@@ -267,8 +270,8 @@ class GeometryMetrics(_EvalCallback):
     def _object_records(self, outputs, batch, device):
         for key in ("mesh_path", "norm_center", "norm_scale"):
             if key not in batch:
-                raise KeyError(f"GeometryMetrics: the batch has no {key!r} (contract 4); it is needed to load the "
-                               "GT mesh in the unit-bbox frame")
+                raise KeyError(f"GeometryMetrics: the batch has no {key!r} (gsv3d_pl.batch.BATCH_KEYS); it is "
+                               "needed to load the GT mesh in the unit-bbox frame")
         depth, alpha = outputs["pred_depths"], outputs["pred_alphas"]  # [B, V, 1, H, W]
         B = depth.shape[0]
         recs = {}

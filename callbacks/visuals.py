@@ -2,20 +2,20 @@
 predictions and a row of Turbo-coloured predicted depth, saved to ``<run>/images/`` and to the TensorBoard logger;
 at the end of fit, a turntable and the ``.ply`` of the first validation object.
 
-Consumes the ``validation_step``/``test_step`` output dict of the stages (contract 5): ``gt_images``,
+Consumes the stages' ``validation_step``/``test_step`` novel-view result (:data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`): ``gt_images``,
 ``pred_images`` [B, V, 3, H, W], ``pred_depths``, ``pred_alphas`` [B, V, 1, H, W].
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from gsv3d_pl.io import atomic_path
 from gsv3d_pl.viz import colorize_depth, render_turntable, save_video
 
 __all__ = ["ValidationImages", "make_grid"]
@@ -45,15 +45,8 @@ def make_grid(outputs: dict, num_objects: int, max_views: int, pad: int = 2) -> 
 def _save_png_atomic(img: np.ndarray, path: str) -> None:
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ValidationImages(pl.Callback):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, NUM_FRAMES, orbit_azimuths_deg
+
 __all__ = [
     "Cameras",
     "orbit_cameras",
@@ -158,8 +160,8 @@ def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None)
 def cameras_from_spherical(
     elevations_deg,
     azimuths_deg,
-    radius=2.0,
-    fov_deg: float = 33.8,
+    radius=DEFAULT_RADIUS,
+    fov_deg: float = FOV_DEG,
     width: int = 576,
     height: int = 576,
 ) -> Cameras:
@@ -179,18 +181,18 @@ def cameras_from_spherical(
 
 
 def orbit_cameras(
-    num_frames: int = 21,
+    num_frames: int = NUM_FRAMES,
     elevation_deg: float = 0.0,
-    radius: float = 2.0,
-    fov_deg: float = 33.8,
+    radius: float = DEFAULT_RADIUS,
+    fov_deg: float = FOV_DEG,
     width: int = 576,
     height: int = 576,
 ) -> Cameras:
     """SV3D's orbit: frame i at azimuth (i+1)·360/num_frames, so the last frame is the input view.
 
-    This is ``linspace(0, 360, num_frames + 1)[1:] % 360`` of Stability's sampling script.
+    The azimuths are :func:`gsv3d_pl.orbit.orbit_azimuths_deg` (Stability's sampling script's order).
     """
-    az = torch.linspace(0.0, 360.0, num_frames + 1, dtype=torch.float64)[1:] % 360.0  # [F]
+    az = orbit_azimuths_deg(num_frames)  # [F]
     return cameras_from_spherical(
         torch.full((num_frames,), float(elevation_deg)), az.float(), radius, fov_deg, width, height
     )
@@ -199,8 +201,8 @@ def orbit_cameras(
 def random_cameras(
     num: int,
     elevation_range_deg: tuple[float, float] = (-10.0, 40.0),
-    radius_range: tuple[float, float] = (2.0, 2.0),
-    fov_deg: float = 33.8,
+    radius_range: tuple[float, float] = (DEFAULT_RADIUS, DEFAULT_RADIUS),
+    fov_deg: float = FOV_DEG,
     width: int = 576,
     height: int = 576,
     generator: torch.Generator | None = None,

@@ -1,4 +1,5 @@
-"""Synthetic multi-view batches (contract 4) rendered from random Gaussian blobs, for tests and smoke runs.
+"""Test-only: synthetic multi-view batches (keys: ``gsv3d_pl.batch.BATCH_KEYS``) rendered from random Gaussian
+blobs.
 
 The views are consistent 3D renders (the project's rasterizer on the SV3D orbit + random extra cameras), so a
 decoder can actually fit them; nothing is read from disk. Latents are not included (stages then encode with
@@ -13,16 +14,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gsv3d_pl.cameras import Cameras, orbit_cameras, random_cameras
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, INPUT_FRAME, NUM_FRAMES, input_frames
 
 __all__ = ["synthetic_sample", "SyntheticViews", "SyntheticDataModule", "collate"]
-
-NUM_ORBIT = 21
 
 
 @torch.no_grad()
 def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int = 2, resolution: int = 32,
                      train: bool = True, num_blobs: int = 6, seed: int = 0) -> dict:
-    """One object of contract 4: a few coloured Gaussian blobs inside the unit box, rendered at Q views.
+    """One multi-view item: a few coloured Gaussian blobs inside the unit box, rendered at Q views.
 
     Returns the per-object dict (no batch dim): input_indices [N], input_images [N, 3, H, W], input_c2w [N, 4, 4],
     input_K [N, 3, 3], cond_image [3, H, W], target_* [Q, ...], orbit_polars_rad / orbit_azimuths_rad [21], ...
@@ -37,15 +37,15 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
     quats = torch.nn.functional.normalize(torch.randn(M, 4, generator=g), dim=-1)  # [M, 4]
     scales = torch.full((M, 3), 0.04)  # [M, 3]
     opac = torch.full((M,), 0.9)  # [M]
-    orb = orbit_cameras(NUM_ORBIT, 10.0, 2.0, 33.8, resolution, resolution)
+    orb = orbit_cameras(NUM_FRAMES, 10.0, DEFAULT_RADIUS, FOV_DEG, resolution, resolution)
     extra = random_cameras(num_extra_views, width=resolution, height=resolution, generator=g)
     cams = Cameras.cat([orb, extra]) if num_extra_views else orb
     rgb, alpha, depth = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, resolution, resolution,
                                   backend="torch")  # [Q, H, W, 3|1]
     if train:
-        idx = torch.randperm(NUM_ORBIT, generator=g)[:num_input_views].sort().values  # [N]
+        idx = torch.randperm(NUM_FRAMES, generator=g)[:num_input_views].sort().values  # [N]
     else:
-        idx = torch.linspace(0, NUM_ORBIT - 1, num_input_views).round().long()  # [N]
+        idx = torch.tensor(input_frames(num_input_views))  # [N], the datamodule's evaluation frames
     images = rgb.movedim(-1, -3).clamp(0, 1).contiguous()  # [Q, 3, H, W]
     return {
         "uid": f"synthetic_{seed}_{index}",
@@ -56,7 +56,7 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
         "input_images": images[idx],
         "input_c2w": cams.c2w[idx],
         "input_K": cams.K[idx],
-        "cond_image": images[NUM_ORBIT - 1],
+        "cond_image": images[INPUT_FRAME],
         "target_images": images,
         "target_alphas": alpha.movedim(-1, -3).contiguous(),
         "target_depths": (depth * (alpha > 1e-3)).movedim(-1, -3).contiguous(),
@@ -82,10 +82,10 @@ class SyntheticViews(Dataset):
 
 
 class SyntheticDataModule(pl.LightningDataModule):
-    """Train / val / test splits of synthetic objects (disjoint indices), batches of contract 4.
+    """Train / val / test splits of synthetic objects (disjoint indices), multi-view batches.
 
     With ``nan_at`` (a training-sample index), that sample's target images are NaN: tests the NaN guard.
-    Implements ``set_latent_encoder`` (contract 4), adding ``target_latents`` [Q, 4, h, w] to every sample.
+    Implements ``set_latent_encoder`` , adding ``target_latents`` [Q, 4, h, w] to every sample.
     """
 
     def __init__(self, num_train: int = 4, num_val: int = 2, num_test: int = 2, num_input_views: int = 2,

@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
+from gsv3d_pl.batch import check_batch, check_novel_views
 from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
 from gsv3d_pl.stages.common import gather_views, novel_view_indices, warmup_cosine
 from gsv3d_pl.stages.decoder_stage import DecoderStage
 from gsv3d_pl.stages.heldout import per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, NonFiniteLossError, render_loss, view_losses
-from gsv3d_pl.stages.synthetic import SyntheticDataModule, collate, synthetic_sample
+from tests.synthetic import SyntheticDataModule, collate, synthetic_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,10 +127,40 @@ def test_dino_settings_must_agree():
     assert DecoderStage(vae=VAE("tiny"), dino=None, decoder=dec2).dino is None  # the w/o DINO ablation builds
 
 
-def test_eval_step_returns_the_contract_dict():
+def test_checkpoint_rule_trainable_parameters_and_their_modules_buffers():
+    """One rule: trainable parameters + persistent buffers of modules that train; frozen modules' never."""
+    stage = make_stage()
+    stage.decoder.register_buffer("stats", torch.arange(3.0))  # a buffer the trained decoder declares
+    stage.vae.register_buffer("frozen_stats", torch.ones(2))  # a frozen encoder's buffer comes from the config
+    stage.decoder.register_buffer("scratch", torch.ones(2), persistent=False)
+    sd = stage.state_dict()
+    assert "decoder.stats" in sd and "vae.frozen_stats" not in sd and "decoder.scratch" not in sd
+    assert set(sd) == {f"decoder.{n}" for n, _ in stage.decoder.named_parameters()} | {"decoder.stats"}
+    sd = {k: v.clone() for k, v in sd.items()}  # state_dict() shares storage with the live tensors
+    stage.decoder.stats.zero_()
+    stage.load_state_dict(sd, strict=True)
+    assert stage.decoder.stats.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_decoder_must_record_its_init_args():
+    """Stage 2 rebuilds the decoder from the checkpoint, so a decoder without a config is refused at start."""
+
+    class Bare(torch.nn.Module):
+        dino_dim = None
+
+        def forward(self, latents, c2w, K, dino_tokens=None):  # pragma: no cover - never called
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="register_to_config"):
+        DecoderStage(vae=VAE("tiny"), dino=None, decoder=Bare())
+
+
+def test_eval_step_returns_the_novel_view_result():
     stage = make_stage()
     b = batch_of(2, train=False, num_extra_views=2)
+    check_batch(b)
     out = stage.evaluate_novel_views(b)
+    assert check_novel_views(out) == {"B": 2, "V": 21, "N": 2, "H": 32, "W": 32}
     B, N, Q, H = 2, 2, 23, 32
     V = Q - N
     shapes = {"pred_images": (B, V, 3, H, H), "gt_images": (B, V, 3, H, H), "pred_alphas": (B, V, 1, H, H),

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
+from gsv3d_pl.models.frozen import fingerprint
 from gsv3d_pl.stages.decoder_stage import DecoderStage
 from gsv3d_pl.stages.distill_stage import DistillStage
-from gsv3d_pl.stages.synthetic import SyntheticDataModule, collate, synthetic_sample
+from tests.synthetic import SyntheticDataModule, collate, synthetic_sample
 
 DEC_KW = dict(dim=32, head_channels=16, upsample=2, dino_dim=64)
 
@@ -42,8 +43,17 @@ def make_distill(ckpt: str, **kw) -> DistillStage:
     sv3d = SV3D("tiny", cfg_dropout=0.0)
     clip = CLIPImageEmbedder("tiny")
     kw = {"lora_rank": 4, "val_sample_steps": 2, "warmup_steps": 1, **kw}
-    return DistillStage(vae=vae, dino=dino, clip=clip, sv3d=sv3d, decoder=GSDecoder.from_preset("tiny", **DEC_KW),
-                        decoder_ckpt=ckpt, **kw)
+    return DistillStage(vae=vae, dino=dino, clip=clip, sv3d=sv3d, decoder_ckpt=ckpt, **kw)
+
+
+def save_stage1_checkpoint(path, decoder: GSDecoder, dino=True) -> str:
+    """A DecoderStage checkpoint as Lightning writes it (state_dict + the stage's hand-off record), no training."""
+    vae, d = encoders()
+    stage = DecoderStage(vae=vae, dino=d if dino else None, decoder=decoder, heldout_eval=False)
+    ck = {"state_dict": stage.state_dict()}
+    stage.on_save_checkpoint(ck)
+    torch.save(ck, path)
+    return str(path)
 
 
 def lora_params(stage):
@@ -115,7 +125,7 @@ def test_resume_checkpoint_requires_the_same_base_unet(decoder_ckpt, tmp_path):
     other = make_distill(decoder_ckpt)
     with torch.no_grad():
         next(p for n, p in other.sv3d.unet.named_parameters() if "lora_" not in n).add_(1.0)
-    other._unet_base_fp = __import__("gsv3d_pl.stages.common", fromlist=["x"]).module_fingerprint(other.sv3d.unet)
+    other._unet_base_fp = fingerprint(other.sv3d.unet)
     with pytest.raises(ValueError, match="base UNet"):
         other.on_load_checkpoint(ck)
 
@@ -128,12 +138,41 @@ def test_missing_or_mismatched_decoder_checkpoint_fails_at_start(decoder_ckpt, t
     with pytest.raises(ValueError, match="cannot read"):
         make_distill(str(bad))
     vae, dino = encoders()
-    with pytest.raises(ValueError, match="shape mismatches"):
-        DistillStage(vae=vae, dino=dino, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"),
-                     decoder=GSDecoder.from_preset("tiny", **{**DEC_KW, "dim": 48}), decoder_ckpt=decoder_ckpt)
+    # weights that do not fit the architecture the checkpoint records
+    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=False)
+    ck["gsv3d"]["decoder"]["init_args"]["dim"] = 48
+    torch.save(ck, tmp_path / "tampered.ckpt")
+    with pytest.raises(ValueError, match="do not fit the decoder it records"):
+        make_distill(str(tmp_path / "tampered.ckpt"))
+    # a checkpoint from before the hand-off record
+    del ck["gsv3d"]["decoder"]
+    torch.save(ck, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="does not record its decoder"):
+        make_distill(str(tmp_path / "old.ckpt"))
     with pytest.raises(ValueError, match="another VAE"):  # other latents than the decoder was trained on
         DistillStage(vae=VAE("tiny", scaling_factor=1.0), dino=dino, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"),
-                     decoder=GSDecoder.from_preset("tiny", **DEC_KW), decoder_ckpt=decoder_ckpt)
+                     decoder_ckpt=decoder_ckpt)
+    with pytest.raises(ValueError, match="dino_dim=64"):  # 'w/o DINO' in stage 2 needs a stage 1 without DINO too
+        DistillStage(vae=vae, dino=None, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"), decoder_ckpt=decoder_ckpt)
+
+
+def test_distill_builds_the_decoder_of_the_checkpoint(tmp_path):
+    """The hand-off goes through the checkpoint: another width (and no DINO) is built with no config edit."""
+    torch.manual_seed(0)
+    wide = GSDecoder.from_preset("tiny", **{**DEC_KW, "dim": 48, "num_heads": 3})
+    stage = make_distill(save_stage1_checkpoint(tmp_path / "wide.ckpt", wide))
+    assert isinstance(stage.decoder, GSDecoder) and stage.decoder.dim == 48 and stage.decoder.config["num_heads"] == 3
+    for k, v in stage.decoder.state_dict().items():
+        assert torch.equal(v, wide.state_dict()[k]), k
+    b = collate([synthetic_sample(0)])
+    loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "l3d" in terms
+
+    no_dino = GSDecoder.from_preset("tiny", **{**DEC_KW, "dino_dim": None})
+    path = save_stage1_checkpoint(tmp_path / "nodino.ckpt", no_dino, dino=False)
+    vae, _ = encoders()
+    s2 = DistillStage(vae=vae, dino=None, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"), decoder_ckpt=path)
+    assert s2.decoder.dino_dim is None and s2.decoder.dino_proj is None
 
 
 def test_l_distill_decreases(decoder_ckpt, tmp_path):

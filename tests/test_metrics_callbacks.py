@@ -1,4 +1,4 @@
-"""Metric callbacks with a tiny fake LightningModule (its test_step returns contract 5's dict)."""
+"""Metric callbacks with a tiny fake LightningModule (its test_step returns the novel-view result)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class FakeData(Dataset):
 
 
 class FakeStage(pl.LightningModule):
-    """Returns contract 5's dict from precomputed renders; has no metric attributes of its own."""
+    """Returns the novel-view result (gsv3d_pl.batch.NOVEL_VIEW_KEYS) from precomputed renders; no metric attributes."""
 
     def __init__(self):
         super().__init__()
@@ -162,7 +162,7 @@ def test_callback_errors_are_clear(tmp_path):
     from callbacks.metrics import AppearanceMetrics, GeometryMetrics
 
     cb = GeometryMetrics()
-    with pytest.raises(KeyError, match="contract 5"):
+    with pytest.raises(KeyError, match="NOVEL_VIEW_KEYS"):
         cb._update(FakeStage(), {"pred_images": 0}, {})
     # pretrained metrics with hidden weights stop at setup, before any test batch runs
     os.environ_backup = dict(os.environ)

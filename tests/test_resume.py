@@ -16,7 +16,7 @@ import torch
 
 from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
 from gsv3d_pl.stages.decoder_stage import DecoderStage
-from gsv3d_pl.stages.synthetic import SyntheticDataModule
+from tests.synthetic import SyntheticDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ CHILD = r"""
 import sys, torch, lightning.pytorch as pl
 from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
 from gsv3d_pl.stages.decoder_stage import DecoderStage
-from gsv3d_pl.stages.synthetic import SyntheticDataModule
+from tests.synthetic import SyntheticDataModule
 root = sys.argv[1]
 pl.seed_everything(0)
 stage = DecoderStage(vae=VAE("tiny"), dino=DINOEncoder("tiny", image_size=56),
@@ -115,7 +115,7 @@ DDP_CHILD = r"""
 import sys, json, torch, lightning.pytorch as pl
 from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
 from gsv3d_pl.stages.decoder_stage import DecoderStage
-from gsv3d_pl.stages.synthetic import SyntheticDataModule
+from tests.synthetic import SyntheticDataModule
 
 class Seen(pl.Callback):
     def __init__(self): self.uids = []

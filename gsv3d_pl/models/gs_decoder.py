@@ -1,6 +1,6 @@
 """GS decoder: N multi-view SV3D latents (+ cameras, + DINO tokens of the input view) -> pixel-aligned 3D Gaussians.
 
-Architecture (Lyra / LGM / DiffSplat family, see REFERENCES.md):
+Architecture (Lyra / LGM / DiffSplat family; see ``docs/conventions.md`` for cameras and Gaussians):
 
 1. **Tokens.** Each view's latent [4, h, w] is patchified (conv, stride ``patch_size``); its Plücker
    rays, computed at the *image* resolution (H = 8h), are embedded to the same token grid by a strided
@@ -34,6 +34,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -127,8 +129,12 @@ def _groups(c: int) -> int:
     return 1
 
 
-class GSDecoder(nn.Module):
+class GSDecoder(ModelMixin, ConfigMixin):
     """Latents of N views -> pixel-aligned Gaussians. See the module docstring for the design.
+
+    A diffusers ``ConfigMixin``: the constructor arguments are recorded in ``self.config``, so a DecoderStage
+    checkpoint can rebuild the decoder on its own (stage 2, ``gsv3d predict``), and ``save_pretrained`` /
+    ``from_pretrained`` work as for any diffusers model.
 
     Args:
         latent_channels: VAE latent channels (4).
@@ -145,6 +151,9 @@ class GSDecoder(nn.Module):
         gradient_checkpointing: recompute each transformer block in backward (saves activation memory).
     """
 
+    config_name = "config.json"
+
+    @register_to_config
     def __init__(
         self,
         latent_channels: int = 4,

@@ -6,7 +6,8 @@ Imported lazily (they pull in diffusers/peft through the models).
 _LAZY = {
     "DecoderStage": "gsv3d_pl.stages.decoder_stage",
     "DistillStage": "gsv3d_pl.stages.distill_stage",
-    "load_decoder_checkpoint": "gsv3d_pl.stages.distill_stage",
+    "load_decoder": "gsv3d_pl.stages.handoff",
+    "decoder_record": "gsv3d_pl.stages.handoff",
     "L3DWeights": "gsv3d_pl.stages.losses",
     "render_loss": "gsv3d_pl.stages.losses",
     "render_views": "gsv3d_pl.stages.losses",

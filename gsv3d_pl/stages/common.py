@@ -1,5 +1,5 @@
-"""What both stages share: frozen modules kept out of checkpoints, AdamW + warmup/cosine, NaN guards,
-bf16 autocast on GPU, latent gathering and novel-view selection."""
+"""What both stages share: the rule for what a checkpoint holds, AdamW + warmup/cosine, NaN guards,
+bf16 autocast on GPU, latent gathering, novel-view selection and the DINO/decoder consistency check."""
 
 from __future__ import annotations
 
@@ -11,19 +11,29 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from gsv3d_pl.models.frozen import is_frozen
 from gsv3d_pl.stages.losses import NonFiniteLossError, check_finite
 
-__all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "freeze", "module_fingerprint"]
+__all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "check_dino"]
 
 log = logging.getLogger(__name__)
 
 
-def freeze(module: nn.Module | None) -> nn.Module | None:
-    """eval() + requires_grad_(False); returns the module (None passes through)."""
-    if module is not None:
-        module.eval()
-        module.requires_grad_(False)
-    return module
+def check_dino(dino: nn.Module | None, decoder: nn.Module, decoder_source: str) -> None:
+    """The decoder cross-attends to DINO tokens iff it has ``dino_dim``: the encoder and the decoder must agree.
+
+    ``decoder_source`` names where the decoder comes from in messages (a config key or a checkpoint).
+    """
+    dino_dim = getattr(decoder, "dino_dim", None)
+    if dino is None and dino_dim is not None:
+        raise ValueError(f"model.init_args.dino is null but the decoder ({decoder_source}) has dino_dim={dino_dim} "
+                         "(cross-attention to DINO tokens): set model.init_args.dino, or use a decoder with "
+                         "dino_dim: null (the 'w/o DINO' ablation)")
+    if dino is not None and dino_dim is None:
+        raise ValueError(f"the decoder ({decoder_source}) has dino_dim: null (no cross-attention) but "
+                         "model.init_args.dino is set: set model.init_args.dino: null")
+    if dino is not None and getattr(dino, "embed_dim", dino_dim) != dino_dim:
+        raise ValueError(f"DINO embed_dim {dino.embed_dim} != the decoder's dino_dim {dino_dim} ({decoder_source})")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -52,7 +62,7 @@ def sample_view_subset(batch_size: int, num_views: int, k: int | None, device=No
 def novel_view_indices(input_indices: Tensor, num_views: int) -> Tensor:
     """Indices of the views that are not inputs: input_indices [B, N] -> [B, V], V = Q - N (sorted).
 
-    Every row must hold N distinct indices in [0, Q) (the datamodule's contract), so every row has the
+    Every row must hold N distinct indices in [0, Q) (as every datamodule yields), so every row has the
     same number of novel views.
     """
     B = input_indices.shape[0]
@@ -66,10 +76,13 @@ def novel_view_indices(input_indices: Tensor, num_views: int) -> Tensor:
 
 
 class StageBase(pl.LightningModule):
-    """Shared machinery. Subclasses set ``self._frozen`` (attribute names of frozen sub-modules, kept out of
-    checkpoints) and implement ``trainable_parameters()``."""
+    """Shared machinery. Subclasses implement ``trainable_parameters()``.
 
-    _frozen: tuple[str, ...] = ()
+    **What a checkpoint holds** (one rule for both stages): the trainable parameters (LoRA included) plus the
+    persistent buffers of every sub-module that trains. Frozen sub-modules (the encoders, stage 2's decoder
+    and base UNet) are left out: their weights come from the config or from ``decoder_ckpt``, and loading a
+    checkpoint keeps their current weights. Loading is strict for everything that is saved.
+    """
 
     def __init__(self, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
                  min_lr_ratio: float, background: float, render_chunk_views: int | None, render_backend: str):
@@ -82,7 +95,6 @@ class StageBase(pl.LightningModule):
         self.render_chunk_views = render_chunk_views
         self.render_backend = render_backend
 
-    # ---- frozen modules stay out of checkpoints -------------------------------------------------------
     def setup(self, stage: str) -> None:
         # Ask the datamodule (duck-typed: gsv3d_pl never imports datamodules) to cache frozen-VAE latents.
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -95,33 +107,38 @@ class StageBase(pl.LightningModule):
         Subclasses hold ``self.vae`` and ``self.use_latent_cache``."""
         return self.vae.encode(images.to(self.device, torch.float32)).float().cpu()
 
-    def _frozen_prefixes(self) -> tuple[str, ...]:
-        return tuple(f"{name}." for name in self._frozen if getattr(self, name, None) is not None)
-
-    def _is_saved_key(self, key: str) -> bool:
-        return not key.startswith(self._frozen_prefixes())
+    # ---- what a checkpoint holds ----------------------------------------------------------------------
+    def saved_keys(self) -> set[str]:
+        """State-dict keys a checkpoint holds: trainable parameters + buffers of the sub-modules that train."""
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        training = {name for name, child in self.named_children() if not is_frozen(child)}
+        params = dict(self.named_parameters())
+        for k in super().state_dict(keep_vars=True):
+            if k not in params and k.split(".", 1)[0] in training:
+                keys.add(k)  # a persistent buffer of a module that trains
+        return keys
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for k in [k for k in full if not self._is_saved_key(k[len(prefix):])]:
+        keep = self.saved_keys()
+        for k in [k for k in full if k.startswith(prefix) and k[len(prefix):] not in keep]:
             del full[k]
         return full
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict for everything that is saved; frozen modules keep their current (config-built) weights."""
-        own = super().state_dict(keep_vars=True)
+        keep = self.saved_keys()
         merged = dict(state_dict)
-        for k, v in own.items():
-            if not self._is_saved_key(k) and k not in merged:
+        for k, v in super().state_dict(keep_vars=True).items():
+            if k not in keep and k not in merged:
                 merged[k] = v.detach()
         return super().load_state_dict(merged, strict=strict, assign=assign)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in self._frozen:  # frozen modules stay in eval mode (dropout/BN off) during training
-            m = getattr(self, name, None)
-            if m is not None:
-                m.eval()
+        for child in self.children():  # frozen modules stay in eval mode (dropout/BN off) during training
+            if is_frozen(child):
+                child.eval()
         return self
 
     # ---- optimisation ---------------------------------------------------------------------------------
@@ -180,26 +197,3 @@ class StageBase(pl.LightningModule):
 
     def _root_dir(self) -> str:
         return self.trainer.default_root_dir if self._trainer is not None else "."
-
-
-def module_fingerprint(module: nn.Module | None) -> str | None:
-    """A cheap identity of a module's weights (names, shapes, fp64 sums and a few values), e.g. to check that
-    a frozen random-init encoder is the one a checkpoint was trained with. None for None."""
-    if module is None:
-        return None
-    import hashlib
-
-    h = hashlib.sha1()
-    with torch.no_grad():
-        # named_parameters/buffers, not state_dict(): frozen encoders hide their weights from state_dict().
-        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        for name, t in sorted(tensors.items()):
-            if not torch.is_tensor(t) or t.is_meta:
-                continue
-            t = t.detach()
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            if t.numel():
-                d = t.double()
-                vals = torch.stack([d.sum(), d.square().sum(), *d.flatten()[:4]]).cpu()
-                h.update(vals.numpy().round(6).tobytes())
-    return h.hexdigest()[:16]

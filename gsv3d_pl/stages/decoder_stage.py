@@ -14,16 +14,13 @@ import os
 import torch
 from torch import Tensor, nn
 
+from gsv3d_pl.batch import MultiViewBatch, NovelViews
+from gsv3d_pl.io import write_json_atomic
 from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
-from gsv3d_pl.stages.common import (
-    StageBase,
-    freeze,
-    gather_views,
-    module_fingerprint,
-    novel_view_indices,
-    sample_view_subset,
-)
-from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr, write_json_atomic
+from gsv3d_pl.models.frozen import fingerprint, freeze
+from gsv3d_pl.stages.common import StageBase, check_dino, gather_views, novel_view_indices, sample_view_subset
+from gsv3d_pl.stages.handoff import decoder_record
+from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
 from gsv3d_pl.weights import WeightSpec, register, resolve, torch_hub_dir
 
@@ -71,9 +68,9 @@ class DecoderStage(StageBase):
         vae: the frozen VAE that makes the input latents (``encode`` -> scaled latents).
         dino: the frozen DINO encoder for the input view R's tokens; None = no DINO (then the decoder must
             have ``dino_dim=None``).
-        decoder: the GS decoder (trained).
-        (The frozen encoders come first, in the same order in both stages: LightningCLI builds init_args in
-        signature order, so even encoders drawn from the global RNG would match across the stages.)
+        decoder: the GS decoder (trained): any module with ``forward(latents, c2w, K, dino_tokens) -> Gaussians``,
+            a ``dino_dim`` attribute and its constructor arguments in ``config`` (see docs/extending.md). The
+            checkpoint records its class and arguments, so stage 2 and predict rebuild it from the file alone.
         lambda_rgb, lambda_depth, lambda_lpips: L_3D weights; depth_loss_on: "all" | "foreground".
         lr, weight_decay, betas: AdamW; warmup_steps then cosine to ``min_lr_ratio · lr`` at the last step
             (``trainer.estimated_stepping_batches``).
@@ -87,8 +84,6 @@ class DecoderStage(StageBase):
             mean-training-image baseline and write ``<run>/heldout_eval.json``.
         heldout_max_objects / baseline_max_objects: caps for that evaluation (None = all).
     """
-
-    _frozen = ("vae", "dino", "lpips")
 
     def __init__(
         self,
@@ -118,16 +113,8 @@ class DecoderStage(StageBase):
         self.decoder = decoder
         self.vae = freeze(vae)
         self.dino = freeze(dino)
-        dino_dim = getattr(decoder, "dino_dim", None)
-        if dino is None and dino_dim is not None:
-            raise ValueError("model.init_args.dino is null but the decoder has dino_dim set: set "
-                             "model.init_args.decoder.init_args.dino_dim: null too (the 'w/o DINO' ablation)")
-        if dino is not None and dino_dim is None:
-            raise ValueError("the decoder has dino_dim: null (no cross-attention) but model.init_args.dino is set: "
-                             "set model.init_args.dino: null")
-        if dino is not None and getattr(dino, "embed_dim", dino_dim) != dino_dim:
-            raise ValueError(f"DINO embed_dim {dino.embed_dim} != decoder dino_dim {dino_dim} "
-                             "(model.init_args.decoder.init_args.dino_dim)")
+        check_dino(dino, decoder, "model.init_args.decoder.init_args.dino_dim")
+        self._decoder_record = decoder_record(decoder)  # fails here, at start, for a decoder stage 2 could not rebuild
         self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on)
         self.lpips = freeze(_LPIPS()) if lambda_lpips > 0 else None
         self.views_per_step = views_per_step
@@ -143,7 +130,7 @@ class DecoderStage(StageBase):
 
     # ---- forward ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def input_latents(self, batch: dict) -> Tensor:
+    def input_latents(self, batch: MultiViewBatch) -> Tensor:
         """The N input views' scaled latents [B, N, 4, h, w]: from the latent cache when the batch has it."""
         idx = batch["input_indices"]  # [B, N]
         if "target_latents" in batch:
@@ -153,7 +140,7 @@ class DecoderStage(StageBase):
         return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
 
     @torch.no_grad()
-    def dino_tokens(self, batch: dict) -> Tensor | None:
+    def dino_tokens(self, batch: MultiViewBatch) -> Tensor | None:
         """DINO patch tokens of the input view R, [B, T, C]; None without DINO."""
         return None if self.dino is None else self.dino(batch["cond_image"].float()).float()
 
@@ -162,20 +149,20 @@ class DecoderStage(StageBase):
         with self.autocast():
             return self.decoder(latents, c2w, K, dino_tokens)
 
-    def predict_gaussians(self, batch: dict):
-        """Gaussians (batch [B]) of a batch of contract 4."""
+    def predict_gaussians(self, batch: MultiViewBatch):
+        """Gaussians (batch [B]) of a multi-view batch (keys: :data:`gsv3d_pl.batch.BATCH_KEYS`)."""
         return self(self.input_latents(batch), batch["input_c2w"].float(), batch["input_K"].float(),
                     self.dino_tokens(batch))
 
     # ---- training -----------------------------------------------------------------------------------------
-    def _targets(self, batch: dict, idx: Tensor | None = None) -> tuple[Tensor, ...]:
+    def _targets(self, batch: MultiViewBatch, idx: Tensor | None = None) -> tuple[Tensor, ...]:
         keys = ("target_c2w", "target_K", "target_images", "target_alphas", "target_depths")
         vals = [batch[k].float() for k in keys]
         if idx is not None:
             vals = [gather_views(v, idx) for v in vals]
         return tuple(vals)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
         gaussians = self.predict_gaussians(batch)
         B, Q = batch["target_images"].shape[:2]
         sub = sample_view_subset(B, Q, self.views_per_step, self.device)  # [B, k] or None (all Q views)
@@ -195,8 +182,8 @@ class DecoderStage(StageBase):
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_novel_views(self, batch: dict) -> dict:
-        """Predict Gaussians and render the novel (non-input) views: the dict of contract 5."""
+    def evaluate_novel_views(self, batch: MultiViewBatch) -> NovelViews:
+        """Predict Gaussians and render the novel (non-input) views (keys: :data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`)."""
         gaussians = self.predict_gaussians(batch)
         Q = batch["target_images"].shape[1]
         novel = novel_view_indices(batch["input_indices"], Q)  # [B, V]
@@ -228,12 +215,14 @@ class DecoderStage(StageBase):
     # ---- checkpoints / end of fit ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        # Identities of the frozen encoders: stage 2 refuses a decoder trained on another VAE's latents.
+        # The hand-off to stage 2 and predict (gsv3d_pl.stages.handoff): the decoder's class and init args, and
+        # the identities of the frozen encoders (stage 2 refuses a decoder trained on another VAE's latents).
         checkpoint["gsv3d"] = {
             "stage": "decoder",
-            "vae_key": self.vae.weights_key() if hasattr(self.vae, "weights_key") else module_fingerprint(self.vae),
-            "dino_fingerprint": module_fingerprint(self.dino),
-            "decoder_class": f"{type(self.decoder).__module__}.{type(self.decoder).__qualname__}",
+            "decoder": self._decoder_record,
+            "vae_key": self.vae.weights_key() if hasattr(self.vae, "weights_key") else fingerprint(self.vae),
+            "dino_fingerprint": fingerprint(self.dino),
+            "dino_dim": getattr(self.decoder, "dino_dim", None),
         }
 
     def on_fit_end(self) -> None:

@@ -14,86 +14,35 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
-from gsv3d_pl.stages.common import (
-    StageBase,
-    freeze,
-    gather_views,
-    module_fingerprint,
-    novel_view_indices,
-    sample_view_subset,
-)
+from gsv3d_pl.batch import MultiViewBatch, NovelViews
+from gsv3d_pl.io import atomic_dir
+from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder
+from gsv3d_pl.models.frozen import fingerprint, freeze
+from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
+from gsv3d_pl.stages.common import StageBase, check_dino, gather_views, novel_view_indices, sample_view_subset
+from gsv3d_pl.stages.handoff import DECODER_CKPT_KEY, load_decoder
 from gsv3d_pl.stages.heldout import per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
 
-__all__ = ["DistillStage", "load_decoder_checkpoint"]
+__all__ = ["DistillStage"]
 
 log = logging.getLogger(__name__)
-
-NUM_ORBIT = 21
-_CKPT_KEY = "model.init_args.decoder_ckpt"
-
-
-def load_decoder_checkpoint(decoder: nn.Module, path: str | os.PathLike) -> dict:
-    """Load a stage-1 (DecoderStage) checkpoint's ``decoder.*`` weights into ``decoder``, strictly.
-
-    Raises FileNotFoundError / ValueError naming the file, the config key and what to do. Returns the
-    checkpoint's ``gsv3d`` metadata (frozen-encoder identities), possibly empty.
-    """
-    path = os.fspath(path) if path else ""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{_CKPT_KEY}: stage-1 decoder checkpoint {path!r} not found. Train stage 1 first (e.g. "
-            "`gsv3d fit --config configs/decoder/tiny.yaml` writes runs/decoder_tiny/checkpoints/last.ckpt) "
-            "or point the key at an existing DecoderStage checkpoint."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise ValueError(f"{_CKPT_KEY}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from e
-    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{_CKPT_KEY}: {path!r} has no 'state_dict'; it is not a Lightning checkpoint")
-    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
-    if not dec:
-        raise ValueError(f"{_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
-    own = decoder.state_dict()
-    missing = sorted(set(own) - set(dec))
-    unexpected = sorted(set(dec) - set(own))
-    shapes = [f"{k}: ckpt {tuple(dec[k].shape)} vs config {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(dec)) if tuple(dec[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"{_CKPT_KEY}: {path!r} does not match the decoder built from model.init_args.decoder "
-                 "(use the same decoder preset/overrides as stage 1):"]
-        if missing:
-            lines.append(f"  missing in the checkpoint ({len(missing)}): {missing[:5]}")
-        if unexpected:
-            lines.append(f"  not in the configured decoder ({len(unexpected)}): {unexpected[:5]}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {shapes[:5]}")
-        raise ValueError("\n".join(lines))
-    decoder.load_state_dict(dec, strict=True)
-    meta = ckpt.get("gsv3d", {}) if isinstance(ckpt, dict) else {}
-    return meta if isinstance(meta, dict) else {}
 
 
 class DistillStage(StageBase):
     """Stage 2: LoRA on SV3D's UNet, trained with ``L_2D + λ_3D · L_3D`` through the frozen GS decoder.
 
     Args:
-        vae, dino, clip: frozen encoders (dino None = no DINO; the decoder then has dino_dim None). They come
-            first, in the same order as in DecoderStage (LightningCLI builds init_args in signature order). They
-            must be the encoders stage 1 used: checked against the decoder checkpoint's record.
+        vae, dino, clip: frozen encoders (dino None = no DINO; the stage-1 decoder must then have dino_dim None).
+            They must be the encoders stage 1 used: checked against the decoder checkpoint's record.
         sv3d: the SV3D model (UNet + EDM); its base weights are frozen, LoRA is injected here.
-        decoder: the GS decoder architecture (must match the stage-1 config); weights from ``decoder_ckpt``.
-        decoder_ckpt: the stage-1 DecoderStage checkpoint (e.g. runs/decoder_tiny/checkpoints/last.ckpt).
+        decoder_ckpt: the stage-1 DecoderStage checkpoint (e.g. runs/decoder_tiny/checkpoints/last.ckpt). The
+            frozen decoder is rebuilt from it alone: its class, init args and weights (stage hand-off).
         lora_rank, lora_alpha (None = rank, i.e. scale 1), lora_targets, lora_dropout: the peft LoraConfig.
         num_input_views: frames of D fed to the decoder. None = the datamodule's ``input_indices`` (N random
             orbit frames per object); an int = that many distinct random orbit frames per object and step.
@@ -105,15 +54,12 @@ class DistillStage(StageBase):
         render_chunk_views, views_per_step, background, render_backend, use_latent_cache: as in DecoderStage.
     """
 
-    _frozen = ("vae", "clip", "dino", "decoder")
-
     def __init__(
         self,
         vae: VAE,
         dino: DINOEncoder | None,
         clip: CLIPImageEmbedder,
         sv3d: SV3D,
-        decoder: GSDecoder,
         decoder_ckpt: str,
         lora_rank: int = 4,
         lora_alpha: float | None = None,
@@ -142,20 +88,17 @@ class DistillStage(StageBase):
                          render_backend)
         if lambda_3d < 0:
             raise ValueError(f"lambda_3d must be >= 0, got {lambda_3d}")
-        if num_input_views is not None and not 1 <= num_input_views <= NUM_ORBIT:
-            raise ValueError(f"num_input_views must be in [1, {NUM_ORBIT}] or null, got {num_input_views}")
-        if (dino is None) != (getattr(decoder, "dino_dim", None) is None):
-            raise ValueError("model.init_args.dino and model.init_args.decoder.init_args.dino_dim must be both set "
-                             "or both null (the 'w/o DINO' ablation sets both to null)")
+        if num_input_views is not None and not 1 <= num_input_views <= NUM_FRAMES:
+            raise ValueError(f"num_input_views must be in [1, {NUM_FRAMES}] or null, got {num_input_views}")
         self.vae, self.clip, self.dino = freeze(vae), freeze(clip), freeze(dino)
-        self.decoder = decoder
         self.decoder_ckpt = str(decoder_ckpt)
-        meta = load_decoder_checkpoint(decoder, decoder_ckpt)  # fails here, at start, if missing/mismatched
-        freeze(decoder)
+        decoder, meta = load_decoder(decoder_ckpt)  # fails here, at start, if missing or unreadable
+        self.decoder = freeze(decoder)
+        check_dino(dino, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         self._check_encoders(meta)
 
         self.sv3d = sv3d
-        self._unet_base_fp = module_fingerprint(sv3d.unet)  # the (unsaved) base UNet a checkpoint must match
+        self._unet_base_fp = fingerprint(sv3d.unet)  # the (unsaved) base UNet a checkpoint must match
         sv3d.requires_grad_(False)
         n_lora = sv3d.add_lora(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                target_modules=tuple(lora_targets))
@@ -176,28 +119,22 @@ class DistillStage(StageBase):
         self.views_per_step = views_per_step
         self.use_latent_cache = use_latent_cache
         # num_input_views is also a datamodule hparam (Lightning refuses differing duplicates): not logged here
-        self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "decoder", "num_input_views"])
+        self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "num_input_views"])
 
     def _check_encoders(self, meta: dict) -> None:
         """The decoder was trained on one VAE's latents (and one DINO): refuse others (tiny presets are random)."""
         want_vae = meta.get("vae_key")
-        have_vae = self.vae.weights_key() if hasattr(self.vae, "weights_key") else module_fingerprint(self.vae)
+        have_vae = self.vae.weights_key() if hasattr(self.vae, "weights_key") else fingerprint(self.vae)
         if want_vae is not None and want_vae != have_vae:
             raise ValueError(
-                f"{_CKPT_KEY}: {self.decoder_ckpt!r} was trained on latents of another VAE (weights key {want_vae} "
+                f"{DECODER_CKPT_KEY}: {self.decoder_ckpt!r} was trained on latents of another VAE (weights key {want_vae} "
                 f"vs {have_vae} here). Use the same model.init_args.vae as stage 1 (random-init 'tiny' presets must "
                 "be built identically, e.g. the same seed_everything)."
             )
         want_dino = meta.get("dino_fingerprint")
-        if want_dino is not None and self.dino is not None and want_dino != module_fingerprint(self.dino):
-            raise ValueError(f"{_CKPT_KEY}: {self.decoder_ckpt!r} was trained with another DINO encoder "
+        if want_dino is not None and self.dino is not None and want_dino != fingerprint(self.dino):
+            raise ValueError(f"{DECODER_CKPT_KEY}: {self.decoder_ckpt!r} was trained with another DINO encoder "
                              "(fingerprint mismatch); use the same model.init_args.dino as stage 1.")
-
-    # ---- what is saved -------------------------------------------------------------------------------------
-    def _is_saved_key(self, key: str) -> bool:
-        if key.startswith("sv3d."):
-            return "lora_" in key  # base UNet weights come from the config (preset / pretrained folder)
-        return super()._is_saved_key(key)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -221,17 +158,18 @@ class DistillStage(StageBase):
 
     # ---- conditioning -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def orbit_latents(self, batch: dict) -> Tensor:
+    def orbit_latents(self, batch: MultiViewBatch) -> Tensor:
         """z_gt: scaled latents of the 21 orbit frames (target views 0..20), [B, 21, 4, h, w]."""
         if "target_latents" in batch:
-            return batch["target_latents"][:, :NUM_ORBIT].float()
-        imgs = batch["target_images"][:, :NUM_ORBIT].float()  # [B, 21, 3, H, W]
+            return batch["target_latents"][:, :NUM_FRAMES].float()
+        imgs = batch["target_images"][:, :NUM_FRAMES].float()  # [B, 21, 3, H, W]
         lat = self.vae.encode(imgs.flatten(0, 1))  # [B*21, 4, h, w]
         return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
 
     @torch.no_grad()
-    def conditioning(self, batch: dict) -> dict[str, Tensor | None]:
-        """SV3D's and the decoder's conditioning of the input view R (cond_image [B, 3, H, W])."""
+    def conditioning(self, batch: MultiViewBatch) -> dict[str, Tensor | None]:
+        """SV3D's and the decoder's conditioning of the input view R (cond_image [B, 3, H, W] = orbit frame
+        ``INPUT_FRAME``)."""
         img = batch["cond_image"].float()
         B = img.shape[0]
         cond_aug = torch.full((B,), self.cond_aug, device=img.device)  # [B]
@@ -244,17 +182,17 @@ class DistillStage(StageBase):
             "azimuths": batch["orbit_azimuths_rad"].float(),  # [B, 21]
         }
 
-    def pick_frames(self, batch: dict) -> Tensor:
+    def pick_frames(self, batch: MultiViewBatch) -> Tensor:
         """Orbit frames of D fed to the decoder, [B, N] long."""
         if self.num_input_views is None:
             idx = batch["input_indices"].long()
-            if (idx >= NUM_ORBIT).any():
-                raise ValueError("input_indices must index orbit frames (< 21) for the distill stage")
+            if (idx >= NUM_FRAMES).any():
+                raise ValueError(f"input_indices must index orbit frames (< {NUM_FRAMES}) for the distill stage")
             return idx
         B = batch["target_images"].shape[0]
-        return torch.rand(B, NUM_ORBIT, device=self.device).argsort(dim=1)[:, : self.num_input_views]
+        return torch.rand(B, NUM_FRAMES, device=self.device).argsort(dim=1)[:, : self.num_input_views]
 
-    def decode_frames(self, latents: Tensor, idx: Tensor, batch: dict, dino: Tensor | None):
+    def decode_frames(self, latents: Tensor, idx: Tensor, batch: MultiViewBatch, dino: Tensor | None):
         """Frozen decoder on frames ``idx`` [B, N] of orbit latents [B, 21, 4, h, w] -> Gaussians [B]."""
         c2w = gather_views(batch["target_c2w"].float(), idx)  # [B, N, 4, 4]
         K = gather_views(batch["target_K"].float(), idx)  # [B, N, 3, 3]
@@ -262,7 +200,7 @@ class DistillStage(StageBase):
             return self.decoder(gather_views(latents, idx), c2w, K, dino)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def distill_losses(self, batch: dict, generator: torch.Generator | None = None,
+    def distill_losses(self, batch: MultiViewBatch, generator: torch.Generator | None = None,
                        use_2d: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """(L_distill, terms). ``use_2d=False`` leaves L_2D out of the returned loss (for gradient tests)."""
         z_gt = self.orbit_latents(batch)  # [B, 21, 4, h, w]
@@ -294,7 +232,7 @@ class DistillStage(StageBase):
         terms["loss"] = loss.detach()
         return loss, terms
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
         loss, terms = self.distill_losses(batch)
         self._check_loss(terms)
         B = batch["target_images"].shape[0]
@@ -307,7 +245,7 @@ class DistillStage(StageBase):
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_orbit(self, batch: dict, c: dict | None = None, seed: int = 0) -> Tensor:
+    def generate_orbit(self, batch: MultiViewBatch, c: dict | None = None, seed: int = 0) -> Tensor:
         """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w] (deterministic seed)."""
         c = self.conditioning(batch) if c is None else c
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -316,11 +254,11 @@ class DistillStage(StageBase):
                                     num_steps=self.val_sample_steps, generator=g, progress=False).float()
 
     @torch.no_grad()
-    def evaluate_novel_views(self, batch: dict, seed: int = 0) -> dict:
-        """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views: the dict of contract 5."""
+    def evaluate_novel_views(self, batch: MultiViewBatch, seed: int = 0) -> NovelViews:
+        """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views (keys: :data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`)."""
         c = self.conditioning(batch)
         lat = self.generate_orbit(batch, c, seed)  # [B, 21, 4, h, w]
-        idx = batch["input_indices"].long().clamp_max(NUM_ORBIT - 1)  # val/test: the datamodule's fixed frames
+        idx = batch["input_indices"].long().clamp_max(INPUT_FRAME)  # val/test: the datamodule's fixed frames
         gaussians = self.decode_frames(lat, idx, batch, c["dino"])
         novel = novel_view_indices(batch["input_indices"], batch["target_images"].shape[1])  # [B, V]
         c2w, K = gather_views(batch["target_c2w"].float(), novel), gather_views(batch["target_K"].float(), novel)
@@ -335,7 +273,7 @@ class DistillStage(StageBase):
             "gaussians": gaussians.detach(), "novel_indices": novel,
         }
 
-    def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> dict:
+    def _eval_step(self, batch: MultiViewBatch, batch_idx: int, prefix: str) -> dict:
         B = batch["target_images"].shape[0]
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)  # same σ/noise every validation
         _, terms = self.distill_losses(batch, generator=g)
@@ -361,21 +299,8 @@ class DistillStage(StageBase):
         weight_name="pytorch_lora_weights.safetensors")`` (the default prefix silently loads nothing).
         """
         out_dir = os.path.abspath(os.fspath(out_dir))
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_lora_")
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.sv3d.unet.save_lora_adapter(tmp)
-            old = None
-            if os.path.exists(out_dir):
-                old = tempfile.mkdtemp(dir=parent, prefix=".old_lora_")
-                os.replace(out_dir, os.path.join(old, "lora"))
-            os.replace(tmp, out_dir)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
     def on_fit_end(self) -> None:

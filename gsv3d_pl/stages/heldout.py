@@ -14,15 +14,12 @@ Protocol (one number per quantity, written to ``<run>/heldout_eval.json``):
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["per_image_psnr", "per_image_ssim", "mean_training_image", "heldout_evaluation", "write_json_atomic"]
+__all__ = ["per_image_psnr", "per_image_ssim", "mean_training_image", "heldout_evaluation"]
 
 
 def per_image_psnr(pred: Tensor, gt: Tensor) -> Tensor:
@@ -40,24 +37,8 @@ def per_image_ssim(pred: Tensor, gt: Tensor) -> Tensor:
     ).reshape(-1)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (tmp file in the same folder, then os.replace)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def mean_training_image(loader, max_objects: int | None = None) -> tuple[Tensor, int]:
-    """Per-pixel mean of all ``target_images`` in ``loader`` (batches of contract 4).
+    """Per-pixel mean of all ``target_images`` in ``loader`` (multi-view batches, :data:`gsv3d_pl.batch.BATCH_KEYS`).
 
     Returns the mean image [3, H, W] (float64 accumulation) and the number of objects used.
     """
@@ -91,7 +72,7 @@ def heldout_evaluation(
     """Score ``predict_novel`` on held-out objects against the mean-training-image baseline.
 
     Args:
-        predict_novel: batch (contract 4, on ``device``) -> (pred [B, V, 3, H, W], gt [B, V, 3, H, W]) for the
+        predict_novel: multi-view batch (on ``device``) -> (pred [B, V, 3, H, W], gt [B, V, 3, H, W]) for the
             novel (non-input) views.
         test_loader / train_loader: dataloaders of the test split and of the training split.
     Returns:

@@ -1,0 +1,105 @@
+"""The stage hand-off: a DecoderStage checkpoint carries everything stage 2 and ``gsv3d predict`` need.
+
+A stage-1 checkpoint's ``checkpoint["gsv3d"]`` records::
+
+    {"stage": "decoder",
+     "decoder": {"class_path": "gsv3d_pl.models.gs_decoder.GSDecoder", "init_args": {...}},
+     "vae_key": "...", "dino_fingerprint": "..." | None, "dino_dim": 64 | None}
+
+and its ``state_dict`` holds the decoder's weights under ``decoder.*``. :func:`load_decoder` rebuilds the
+decoder from that alone, so a distill config names only ``decoder_ckpt`` and cannot disagree with stage 1.
+
+A decoder records its constructor arguments in ``decoder.config`` (diffusers' ``ConfigMixin`` with
+``@register_to_config``, as :class:`~gsv3d_pl.models.GSDecoder` does; see ``docs/extending.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DECODER_CKPT_KEY", "decoder_record", "build_decoder", "load_decoder"]
+
+DECODER_CKPT_KEY = "model.init_args.decoder_ckpt"
+
+
+def decoder_record(decoder: nn.Module) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` that rebuild ``decoder``'s architecture (not its weights).
+
+    Raises TypeError for a decoder that does not record its constructor arguments.
+    """
+    config = getattr(decoder, "config", None)
+    if config is None or not hasattr(config, "items"):
+        raise TypeError(
+            f"{type(decoder).__qualname__} does not record its constructor arguments, so stage 2 and `gsv3d predict` "
+            "could not rebuild it from the checkpoint: subclass diffusers' ConfigMixin and decorate __init__ with "
+            "@register_to_config (see docs/extending.md, 'A new decoder')."
+        )
+    cls = type(decoder)
+    init_args = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def build_decoder(record: dict[str, Any], source: str = "the checkpoint") -> nn.Module:
+    """Instantiate a decoder from :func:`decoder_record`'s dict (random weights)."""
+    class_path = str(record.get("class_path", ""))
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source} names decoder class {class_path!r}, which cannot be "
+                         f"imported ({type(e).__name__}: {e}); is the package that defines it installed?") from e
+    try:
+        return cls(**dict(record.get("init_args") or {}))
+    except TypeError as e:
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source}: {class_path}(**init_args) failed: {e}") from e
+
+
+def _read(path: str) -> dict:
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{DECODER_CKPT_KEY}: stage-1 decoder checkpoint {path!r} not found. Train stage 1 first (e.g. "
+            "`gsv3d fit --config configs/decoder/tiny.yaml` writes runs/decoder_tiny/checkpoints/last.ckpt) "
+            "or point the key at an existing DecoderStage checkpoint."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"{DECODER_CKPT_KEY}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} has no 'state_dict'; it is not a Lightning checkpoint")
+    return ckpt
+
+
+def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the stage-1 decoder of a DecoderStage checkpoint, weights loaded strictly.
+
+    Returns:
+        (decoder, meta): the decoder (in eval mode, still trainable: the caller freezes it) and the
+        checkpoint's ``gsv3d`` record (frozen-encoder identities, the decoder's class and init args).
+
+    Raises FileNotFoundError / ValueError naming the file, the config key and what to do.
+    """
+    path = os.fspath(path) if path else ""
+    ckpt = _read(path)
+    meta = ckpt.get("gsv3d") if isinstance(ckpt.get("gsv3d"), dict) else {}
+    if meta.get("stage") not in (None, "decoder"):
+        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} is a {meta.get('stage')!r}-stage checkpoint; give the "
+                         "stage-1 (DecoderStage) checkpoint, e.g. runs/decoder_tiny/checkpoints/last.ckpt")
+    record = meta.get("decoder")
+    if not isinstance(record, dict) or "class_path" not in record:
+        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} does not record its decoder's class and init args (a "
+                         "checkpoint from an older version of this project); retrain stage 1 with this version")
+    weights = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    if not weights:
+        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
+    decoder = build_decoder(record, repr(path))
+    missing, unexpected = decoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r}: the weights do not fit the decoder it records "
+                         f"({record['class_path']}): missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return decoder.eval(), meta
