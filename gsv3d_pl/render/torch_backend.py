@@ -1,18 +1,7 @@
-"""Pure-PyTorch differentiable 3D Gaussian rasterizer (CPU and GPU), with gsplat's default semantics.
+"""Pure-PyTorch differentiable 3D Gaussian compositor (CPU and GPU), with gsplat's default semantics.
 
-Semantics (identical to ``gsplat.rasterization(..., render_mode="RGB+ED")`` with its defaults, so that the
-two backends agree, see DESIGN.md "Rasterisation semantics"):
-
-- EWA projection with the perspective Jacobian, where the camera-space x/z and y/z used in the Jacobian
-  are clamped to 1.3 x the half-FoV tangent (gsplat's ``lim_x``/``lim_y``); 2D covariance + 0.3·I.
-- Culling: camera z < ``near_plane``, opacity < 1/255, empty footprint inside the image.
-- Footprint: the opacity-aware box ``extend · sqrt(Σ2D_xx|yy)`` with ``extend = min(3.33, sqrt(2 ln(255 o)))``;
-  outside it α < 1/255 analytically, so enumerating only the box loses nothing.
-- α = min(0.999, o·exp(-½ dᵀΣ⁻¹d)) with d = mean2d - pixel centre (u + 0.5, v + 0.5). Pairs with
-  α < 1/255 (or a negative exponent) are skipped.
-- Front-to-back order by the camera z of the Gaussian centre; a pixel stops *before* the Gaussian that
-  would bring its transmittance to T <= 1e-4.
-- rgb = Σ wᵢcᵢ + (1 − A)·bg, A = Σ wᵢ, depth = Σ wᵢzᵢ / max(A, 1e-10) ("ED"), wᵢ = αᵢ Tᵢ.
+It implements the package's rasterisation semantics (see :mod:`gsv3d_pl.render` and ``docs/conventions.md``)
+on the projection of :mod:`.projection` and the parameter table of :mod:`.param_table`.
 
 Algorithm (no dense [pixels × Gaussians] matrix; memory and time O(pairs)):
 
@@ -35,110 +24,22 @@ Exactly as in gsplat, the 3σ/1/255 cut-offs, the 0.999 clamp and the T stop are
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-__all__ = ["rasterize_torch", "project_gaussians"]
+from gsv3d_pl.render.inputs import RasterInputs
+from gsv3d_pl.render.param_table import CA, CB, CC, FEAT, MX, MY, NPARAM, OP, Z, images_from_sums, param_table
+from gsv3d_pl.render.projection import ALPHA_MAX, ALPHA_MIN, EPS2D, T_MIN
+from gsv3d_pl.render.threads import cpu_threads, intra_op_threads, thread_pool
 
-_ALPHA_MIN = 1.0 / 255.0
-_ALPHA_MAX = 0.999
-_T_MIN = 1e-4
-_LOG_T_MIN = math.log(_T_MIN)
-# Per-row parameter layout (columns of the [R, 10] tensor handed to the compositing Function).
-_MX, _MY, _CA, _CB, _CC, _OP = range(6)
-_FEAT = slice(6, 10)  # r, g, b, z
-_NPARAM = 10
+__all__ = ["rasterize_torch"]
+
+_LOG_T_MIN = math.log(T_MIN)
 # Cost model for choosing the tile size: a row costs about this many per-pair operations on top of its t² pairs
 # (sort, gathers, row sums).
 _ROW_COST = 8.0
-
-
-def _quat_to_rotmat(quats: Tensor) -> Tensor:
-    """[..., 4] wxyz (any norm; normalised here, as gsplat does) -> [..., 3, 3] rotation matrices."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).unflatten(-1, (3, 3))
-
-
-def project_gaussians(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    near_plane: float = 0.01,
-    eps2d: float = 0.3,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """EWA projection of B Gaussian sets into their C cameras each (gsplat's pinhole model).
-
-    Args:
-        means: [B, N, 3] world-space centres.
-        quats: [B, N, 4] rotations, wxyz (normalised here).
-        scales: [B, N, 3] linear scales.
-        opacities: [B, N] in (0, 1).
-        viewmats: [B, C, 4, 4] world-to-camera (OpenCV).
-        Ks: [B, C, 3, 3] intrinsics.
-        width, height: image size in pixels.
-        near_plane: Gaussians whose centre has camera z < near_plane are culled.
-        eps2d: blur added to the 2D covariance diagonal (0.3 px², gsplat's default).
-
-    Returns:
-        means2d: [B, C, N, 2] projected centres in pixels (differentiable).
-        conics: [B, C, N, 3] upper triangle (a, b, c) of the inverse 2D covariance (differentiable).
-        depths: [B, C, N] camera-space z of the centres (differentiable).
-        extents: [B, C, N, 2] half-size of the footprint box in pixels along x and y (no grad).
-        visible: [B, C, N] bool, False where the Gaussian is culled (near plane, det <= 0, opacity < 1/255).
-    """
-    R = viewmats[..., :3, :3]  # [B, C, 3, 3]
-    t = viewmats[..., :3, 3]  # [B, C, 3]
-    means_c = torch.einsum("bcij,bnj->bcni", R, means) + t[:, :, None, :]  # [B, C, N, 3]
-    tx, ty, tz = means_c.unbind(-1)  # [B, C, N] each
-
-    fx, fy = Ks[..., 0, 0, None], Ks[..., 1, 1, None]  # [B, C, 1]
-    cx, cy = Ks[..., 0, 2, None], Ks[..., 1, 2, None]
-    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
-    # Clamp the direction used by the Jacobian to 1.3x the FoV: gsplat's guard against exploding covariances of
-    # Gaussians far outside the frustum. The projected centre itself is not clamped.
-    lim_x_pos, lim_x_neg = (width - cx) / fx + 0.3 * tan_fovx, cx / fx + 0.3 * tan_fovx
-    lim_y_pos, lim_y_neg = (height - cy) / fy + 0.3 * tan_fovy, cy / fy + 0.3 * tan_fovy
-    z_safe = torch.where(tz > near_plane, tz, torch.ones_like(tz))  # culled anyway; avoids inf/nan gradients
-    rz = 1.0 / z_safe
-    ux = torch.minimum(torch.maximum(tx * rz, -lim_x_neg), lim_x_pos)  # clamped tx / tz
-    uy = torch.minimum(torch.maximum(ty * rz, -lim_y_neg), lim_y_pos)
-    zeros = torch.zeros_like(tz)
-    J = torch.stack([fx * rz, zeros, -fx * ux * rz, zeros, fy * rz, -fy * uy * rz], dim=-1).unflatten(-1, (2, 3))
-    # J [B, C, N, 2, 3]; cov2d = (J R_view R_q S)(J R_view R_q S)^T, so only the 2x3 factor is formed.
-    M = _quat_to_rotmat(quats) * scales[..., None, :]  # [B, N, 3, 3] = R_q diag(s)
-    JR = J @ R[:, :, None]  # [B, C, N, 2, 3]
-    F = JR @ M[:, None]  # [B, C, N, 2, 3]
-    a = (F[..., 0, :] * F[..., 0, :]).sum(-1) + eps2d  # [B, C, N]
-    b = (F[..., 0, :] * F[..., 1, :]).sum(-1)
-    c = (F[..., 1, :] * F[..., 1, :]).sum(-1) + eps2d
-    det = a * c - b * b
-    det_safe = torch.where(det > 0, det, torch.ones_like(det))
-    conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], dim=-1)  # [B, C, N, 3]
-    means2d = torch.stack([fx * tx * rz + cx, fy * ty * rz + cy], dim=-1)  # [B, C, N, 2]
-
-    with torch.no_grad():
-        op = opacities[:, None, :].expand_as(tz)  # [B, C, N]
-        visible = (tz >= near_plane) & (det > 0) & (op >= _ALPHA_MIN)
-        extend = torch.sqrt(2.0 * torch.log(op.clamp(min=_ALPHA_MIN) / _ALPHA_MIN)).clamp(max=3.33)
-        extents = torch.stack([extend * a.clamp(min=0).sqrt(), extend * c.clamp(min=0).sqrt()], dim=-1)
-    return means2d, conics, tz, extents, visible
 
 
 def _choose_tile(u0: Tensor, u1: Tensor, v0: Tensor, v1: Tensor) -> int:
@@ -227,17 +128,13 @@ def _blocks(seg_counts: Tensor, target_rows: int) -> list[tuple[int, int, int, i
 
 
 def _run_blocks(fn, blocks: list, device: torch.device, workers: int) -> None:
-    """Run ``fn`` over the blocks: on CPU each block's ops single-threaded, blocks spread over ``workers`` threads.
-
-    The per-block tensors are small (cache-sized), so OpenMP's per-op fork/join would dominate, and on a loaded
-    machine idle-spinning OpenMP workers make it 10x worse. Instead each Python worker thread runs whole blocks
-    with one intra-op thread (torch ops release the GIL, so the workers do run in parallel).
-    """
+    """Run ``fn`` over the blocks: on CPU each block's ops single-threaded, blocks spread over ``workers`` threads
+    (the per-block tensors are cache-sized; see :mod:`.threads` for why threads beat OpenMP here)."""
     if device.type != "cpu":  # GPU: kernels are asynchronous already; threads would only add overhead
         for b in blocks:
             fn(b)
         return
-    with _intra_op_threads(1):
+    with intra_op_threads(1):
         if workers <= 1 or len(blocks) <= 1:
             for b in blocks:
                 fn(b)
@@ -253,49 +150,22 @@ def _run_blocks(fn, blocks: list, device: torch.device, workers: int) -> None:
                 for b in blocks[k::workers]:
                     fn(b)
 
-        ex = _pool(workers)
+        ex = thread_pool(workers)
         for f in [ex.submit(worker, k) for k in range(workers)]:
             f.result()
-
-
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A persistent pool per size: reusing the same OS threads keeps malloc's per-thread arenas (and so the RSS)
-    from multiplying across calls. Keyed by pid: a forked child (e.g. a DataLoader worker) must not reuse the parent's
-    pool, whose threads do not exist in the child."""
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gsv3d-raster")
-    return _POOLS[key]
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    """Temporarily set torch's intra-op thread count of the calling thread."""
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _pair_terms(p: Tensor, px0: Tensor, py0: Tensor, seg: Tensor, seg_first: Tensor, lx: Tensor, ly: Tensor):
     """Per-pair quantities of one block. p [Rb, 10] row params; px0/py0/seg [Rb]; seg_first [Sb] (first local row
     of each segment); lx, ly [P] pixel offsets inside a tile. Returns dx, dy, G, a_raw, alpha, active, T, w, all
     [Rb, P]."""
-    dx = p[:, _MX, None] - (px0[:, None] + lx)  # [Rb, P] mean - pixel centre
-    dy = p[:, _MY, None] - (py0[:, None] + ly)
-    sigma = 0.5 * (p[:, _CA, None] * dx * dx + p[:, _CC, None] * dy * dy) + p[:, _CB, None] * dx * dy
+    dx = p[:, MX, None] - (px0[:, None] + lx)  # [Rb, P] mean - pixel centre
+    dy = p[:, MY, None] - (py0[:, None] + ly)
+    sigma = 0.5 * (p[:, CA, None] * dx * dx + p[:, CC, None] * dy * dy) + p[:, CB, None] * dx * dy
     G = torch.exp(-sigma)
-    a_raw = p[:, _OP, None] * G
-    alpha = a_raw.clamp(max=_ALPHA_MAX)
-    valid = (sigma >= 0) & (alpha >= _ALPHA_MIN)
+    a_raw = p[:, OP, None] * G
+    alpha = a_raw.clamp(max=ALPHA_MAX)
+    valid = (sigma >= 0) & (alpha >= ALPHA_MIN)
     alpha = torch.where(valid, alpha, torch.zeros((), dtype=alpha.dtype, device=alpha.device))
     la = torch.log1p(-alpha.double())  # [Rb, P]; float64 so the block-wide running sum stays exact enough
     cs = torch.cumsum(la, 0)
@@ -327,7 +197,7 @@ class _Composite(torch.autograd.Function):
             p = table.index_select(0, rows.param_idx[r0:r1])  # [Rb, 10]
             seg = rows.seg[r0:r1] - s0
             *_, w = _pair_terms(p, rows.px0[r0:r1], rows.py0[r0:r1], seg, seg_start[s0:s1] - r0, lx, ly)
-            src = torch.cat([w[:, :, None] * p[:, None, _FEAT], w[:, :, None]], dim=-1)  # [Rb, P, 5]
+            src = torch.cat([w[:, :, None] * p[:, None, FEAT], w[:, :, None]], dim=-1)  # [Rb, P, 5]
             out[s0:s1].index_add_(0, seg, src)  # blocks own disjoint segment ranges: thread-safe
 
         _run_blocks(run, blocks, dev, workers)
@@ -339,7 +209,7 @@ class _Composite(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (table,) = ctx.saved_tensors
         rows: _Rows = ctx.rows
-        grad = table.new_zeros(rows.param_idx.numel(), _NPARAM)  # [R, 10] per-row gradients
+        grad = table.new_zeros(rows.param_idx.numel(), NPARAM)  # [R, 10] per-row gradients
         go_t = grad_out.permute(2, 0, 1).contiguous()  # [5, S, P]
 
         def run(block: tuple[int, int, int, int]) -> None:
@@ -350,7 +220,7 @@ class _Composite(torch.autograd.Function):
             dx, dy, G, a_raw, alpha, active, T, w = _pair_terms(
                 p, rows.px0[r0:r1], rows.py0[r0:r1], seg, seg_first, ctx.lx, ctx.ly
             )
-            feat = p[:, _FEAT]  # [Rb, 4]
+            feat = p[:, FEAT]  # [Rb, 4]
             # dL/dw_i = c_i · dL/dC_p + dL/dA_p; channel-first gathers keep every op a plain [Rb, P] elementwise op.
             g = go_t[4, s0:s1].index_select(0, seg)  # [Rb, P]
             for k in range(4):
@@ -363,48 +233,36 @@ class _Composite(torch.autograd.Function):
             seg_last = (torch.cat([seg_first[1:], seg_first.new_tensor([r1 - r0])]) - 1).clamp(0, r1 - r0 - 1)  # [Sb]
             after = csh.index_select(0, seg_last)[seg] - csh  # [Rb, P]
             v_alpha = T * g - (after / (1.0 - alpha.double())).to(g.dtype)
-            v_raw = torch.where(active & (a_raw <= _ALPHA_MAX), v_alpha, torch.zeros_like(v_alpha))
-            grad[r0:r1, _OP] = (v_raw * G).sum(1)
+            v_raw = torch.where(active & (a_raw <= ALPHA_MAX), v_alpha, torch.zeros_like(v_alpha))
+            grad[r0:r1, OP] = (v_raw * G).sum(1)
             v_sigma = -v_raw * a_raw  # dα/dσ = -o·G
-            ca, cb, cc = p[:, _CA, None], p[:, _CB, None], p[:, _CC, None]
-            grad[r0:r1, _MX] = (v_sigma * (ca * dx + cb * dy)).sum(1)
-            grad[r0:r1, _MY] = (v_sigma * (cb * dx + cc * dy)).sum(1)
-            grad[r0:r1, _CA] = 0.5 * (v_sigma * dx * dx).sum(1)
-            grad[r0:r1, _CB] = (v_sigma * dx * dy).sum(1)
-            grad[r0:r1, _CC] = 0.5 * (v_sigma * dy * dy).sum(1)
+            ca, cb, cc = p[:, CA, None], p[:, CB, None], p[:, CC, None]
+            grad[r0:r1, MX] = (v_sigma * (ca * dx + cb * dy)).sum(1)
+            grad[r0:r1, MY] = (v_sigma * (cb * dx + cc * dy)).sum(1)
+            grad[r0:r1, CA] = 0.5 * (v_sigma * dx * dx).sum(1)
+            grad[r0:r1, CB] = (v_sigma * dx * dy).sum(1)
+            grad[r0:r1, CC] = 0.5 * (v_sigma * dy * dy).sum(1)
 
         _run_blocks(run, ctx.blocks, table.device, ctx.workers)
-        with _intra_op_threads(1 if table.device.type == "cpu" else torch.get_num_threads()):
+        with cpu_threads(table.device):
             grad_table = torch.zeros_like(table).index_add_(0, rows.param_idx, grad)  # [V*N, 10]
         return grad_table, None, None, None
 
 
 def rasterize_torch(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    backgrounds: Tensor | None = None,
-    near_plane: float = 0.01,
-    eps2d: float = 0.3,
+    inputs: RasterInputs,
+    eps2d: float = EPS2D,
     tile_size: int | None = None,
     block_pairs: int = 1 << 16,
     chunk_pairs: int = 1 << 24,
     stats: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Render B Gaussian sets into C cameras each (leading batch dims already flattened to B).
+    """Render B Gaussian sets into C cameras each (see :class:`~gsv3d_pl.render.inputs.RasterInputs`).
 
     Args:
-        means [B, N, 3], quats [B, N, 4] (wxyz), scales [B, N, 3], opacities [B, N], colors [B, N, 3].
-        viewmats: [B, C, 4, 4] world-to-camera (OpenCV). Ks: [B, C, 3, 3].
-        width, height: image size.
-        backgrounds: [B, C, 3] background colours, or None for black (the public wrapper fills in white).
-        near_plane, eps2d: see :func:`project_gaussians`.
+        inputs: means [B, N, 3], quats [B, N, 4], scales [B, N, 3], opacities [B, N], colors [B, N, 3],
+            viewmats [B, C, 4, 4], Ks [B, C, 3, 3], W, H, backgrounds [B, C, 3] or None (black), near_plane.
+        eps2d: see :func:`~gsv3d_pl.render.projection.project_gaussians`.
         tile_size: side of the compositing tiles; None picks one from the footprint sizes.
         block_pairs: (Gaussian, pixel) pairs per compositing block (cache blocking; speed only).
         chunk_pairs: pairs per chunk of views whose rows are built at once (bounds the row-index memory).
@@ -415,64 +273,19 @@ def rasterize_torch(
         rgb [B, C, H, W, 3], alpha [B, C, H, W, 1], depth [B, C, H, W, 1] (expected depth, 0 where alpha = 0).
     """
     workers = torch.get_num_threads()
-    # Everything here is single-threaded per op: see _run_blocks for why; parallelism is over compositing blocks.
-    with _intra_op_threads(1 if means.device.type == "cpu" else workers):
-        return _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds,
-                                near_plane, eps2d, tile_size, block_pairs, chunk_pairs, stats, workers)
+    # Everything here is single-threaded per op (see .threads); parallelism is over compositing blocks.
+    with cpu_threads(inputs.means.device):
+        return _rasterize(inputs, eps2d, tile_size, block_pairs, chunk_pairs, stats, workers)
 
 
-def _param_table(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, eps2d):
-    """Projection + per-(view, Gaussian) compositing parameters: table [V*N, 10], extents [V, N, 2], visible [V, N]."""
-    B, N = means.shape[:2]
-    C = viewmats.shape[1]
-    means2d, conics, depths, extents, visible = project_gaussians(
-        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, eps2d
-    )
-    table = torch.cat(
-        [
-            means2d,
-            conics,
-            opacities[:, None, :, None].expand(B, C, N, 1),
-            colors[:, None].expand(B, C, N, 3),
-            depths[..., None],
-        ],
-        dim=-1,
-    ).reshape(B * C * N, _NPARAM)  # [V*N, 10]
-    return table, extents.reshape(B * C, N, 2), visible.reshape(B * C, N)
-
-
-class _ParamTable(torch.autograd.Function):
-    """:func:`_param_table` whose backward recomputes the (cheap) projection graph under the single-threaded policy
-    of this module instead of keeping it alive, so no autograd op of the renderer runs with OpenMP fork/join."""
-
-    @staticmethod
-    def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, meta):  # type: ignore[override]
-        ctx.meta = meta
-        ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks)
-        table, extents, visible = _param_table(means, quats, scales, opacities, colors, viewmats, Ks, *meta)
-        ctx.mark_non_differentiable(extents, visible)
-        return table, extents, visible
-
-    @staticmethod
-    def backward(ctx, grad_table, _g_ext, _g_vis):  # type: ignore[override]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad(), _intra_op_threads(1 if grad_table.device.type == "cpu" else torch.get_num_threads()):
-            table, _, _ = _param_table(*inputs, *ctx.meta)
-            wanted = [x for x in inputs if x.requires_grad]
-            grads = iter(torch.autograd.grad(table, wanted, grad_table, allow_unused=True))
-        return (*(next(grads) if x.requires_grad else None for x in inputs), None)
-
-
-def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds, near_plane,
-                     eps2d, tile_size, block_pairs, chunk_pairs, stats, workers):
-    B, N = means.shape[:2]
-    C = viewmats.shape[1]
+def _rasterize(inputs: RasterInputs, eps2d: float, tile_size: int | None, block_pairs: int, chunk_pairs: int,
+               stats: dict | None, workers: int) -> tuple[Tensor, Tensor, Tensor]:
+    B, C, N = inputs.batch
+    width, height = inputs.width, inputs.height
     V = B * C
-    params, extents_v, visible_v = _ParamTable.apply(
-        means, quats, scales, opacities, colors, viewmats, Ks, (width, height, near_plane, eps2d)
-    )  # [V*N, 10], [V, N, 2], [V, N]
-    means2d_d = params.detach()[:, _MX:_MY + 1].reshape(V, N, 2)
-    depths_v = params.detach()[:, 9].reshape(V, N)
+    params, extents_v, visible_v = param_table(inputs, eps2d)  # [V*N, 10], [V, N, 2], [V, N]
+    means2d_d = params.detach()[:, MX:MY + 1].reshape(V, N, 2)
+    depths_v = params.detach()[:, Z].reshape(V, N)
 
     with torch.no_grad():
         mx, my = means2d_d[..., 0], means2d_d[..., 1]
@@ -489,7 +302,7 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
 
     tiles_x, tiles_y = -(-width // t), -(-height // t)
     P = t * t
-    if means.device.type != "cpu":
+    if inputs.means.device.type != "cpu":
         block_pairs = max(block_pairs, 1 << 22)  # GPU: big blocks, the cache argument does not apply
     block_rows = max(1, block_pairs // P)
     chunk_rows = max(1, chunk_pairs // P)
@@ -512,10 +325,5 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
     if stats is not None:
         stats["tile"] = t
         stats["pairs"] = stats.get("rows", 0) * P
-    out = torch.cat(per_view, 0)[:, :height, :width].reshape(B, C, height, width, 5)
-    acc_alpha = out[..., 4:5]  # [B, C, H, W, 1]
-    rgb = out[..., :3]
-    if backgrounds is not None:
-        rgb = rgb + (1.0 - acc_alpha) * backgrounds[:, :, None, None, :]
-    depth = out[..., 3:4] / acc_alpha.clamp(min=1e-10)
-    return rgb, acc_alpha, depth
+    sums = torch.cat(per_view, 0)[:, :height, :width].reshape(B, C, height, width, 5)
+    return images_from_sums(sums, inputs.backgrounds)
