@@ -1,6 +1,6 @@
 """3D Gaussians container and the standard 3DGS PLY format.
 
-A :class:`Gaussians` holds activated parameters (DESIGN.md "Conventions"):
+A :class:`Gaussians` holds activated parameters (the conventions of ``docs/conventions.md``):
 
 - ``means`` [..., G, 3] world-space centres;
 - ``quats`` [..., G, 4] rotations as unit wxyz quaternions;
@@ -18,13 +18,14 @@ reference 3DGS code (graphdeco-inria) and read by common splat viewers: binary l
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from gsv3d_pl.io import atomic_write
 
 __all__ = ["Gaussians", "SH_C0", "PLY_PROPERTIES"]
 
@@ -142,7 +143,7 @@ class Gaussians:
 
     # ------------------------------------------------------------------ PLY I/O
     def save_ply(self, path: str | os.PathLike) -> None:
-        """Write an unbatched set as a binary little-endian 3DGS PLY (atomically: temp file + rename)."""
+        """Write an unbatched set as a binary little-endian 3DGS PLY, atomically (:func:`gsv3d_pl.io.atomic_write`)."""
         if self.batch_shape:
             raise ValueError(
                 f"Gaussians.save_ply: expected an unbatched set, got batch shape {tuple(self.batch_shape)}; "
@@ -163,18 +164,9 @@ class Gaussians:
         data = torch.cat(cols, dim=1).numpy().astype("<f4")  # [n, 17]
         header = "ply\nformat binary_little_endian 1.0\n" f"element vertex {n}\n"
         header += "".join(f"property float {p}\n" for p in PLY_PROPERTIES) + "end_header\n"
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header.encode("ascii"))
-                f.write(data.tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb") as f:
+            f.write(header.encode("ascii"))
+            f.write(data.tobytes())
 
     @classmethod
     def load_ply(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Gaussians:

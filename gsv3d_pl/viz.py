@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from gsv3d_pl.io import atomic_path
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
 
 __all__ = [
     "to_uint8",
@@ -152,56 +154,39 @@ def colorize_depth(depth: Tensor, alpha: Tensor | None = None, near: float | Non
 
 
 @torch.no_grad()
-def render_turntable(gaussians, num_frames: int = 60, elevation_deg: float = 10.0, radius: float = 2.0,
-                     fov_deg: float = 33.8, size: int = 256, background: float = 1.0, chunk: int = 8,
+def render_turntable(gaussians, num_frames: int = 60, elevation_deg: float = 10.0, radius: float = DEFAULT_RADIUS,
+                     fov_deg: float = FOV_DEG, size: int = 256, background: float = 1.0, chunk: int = 8,
                      backend: str = "auto", return_depth: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Render a 360° orbit of one set of Gaussians.
 
     Frames follow the SV3D orbit convention (frame i at azimuth (i+1)·360/F, the last frame is the
-    input view), so a turntable with F = 21 matches the SV3D frames one to one.
+    input view), so a turntable with F = ``NUM_FRAMES`` (21) matches the SV3D frames one to one.
 
     Args:
         gaussians: an unbatched :class:`gsv3d_pl.gaussians.Gaussians` (G Gaussians).
         num_frames: F.
-        elevation_deg, radius, fov_deg: the orbit (project defaults: FoV 33.8°, radius 2).
+        elevation_deg, radius, fov_deg: the orbit (defaults: SV3D's FoV and the project's radius, see
+            :mod:`gsv3d_pl.orbit`).
         size: square frame size in pixels.
         background: background grey level.
-        chunk: cameras rendered per rasterizer call (bounds memory on the torch backend).
+        chunk: cameras rendered per rasterizer call (bounds memory).
     Returns:
         rgb [F, size, size, 3] float in [0, 1]; with ``return_depth`` also alpha and depth [F, size, size, 1].
     """
     from gsv3d_pl.cameras import orbit_cameras
-    from gsv3d_pl.render import rasterize
+    from gsv3d_pl.render import render
 
     if len(gaussians.batch_shape) != 0:
         raise ValueError(f"render_turntable expects unbatched Gaussians, got batch shape {tuple(gaussians.batch_shape)}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    device = gaussians.means.device
-    cams = orbit_cameras(num_frames, elevation_deg, radius, fov_deg, size, size).to(device)
-    viewmats, Ks = cams.viewmats, cams.K  # [F, 4, 4], [F, 3, 3]
-    rgbs, alphas, depths = [], [], []
-    for s in range(0, num_frames, chunk):
-        vm, k = viewmats[s:s + chunk], Ks[s:s + chunk]
-        bg = torch.full((vm.shape[0], 3), float(background), device=device)  # [c, 3]
-        rgb, alpha, depth = rasterize(
-            gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors,
-            vm, k, size, size, backgrounds=bg, backend=backend,
-        )  # [c, S, S, 3], [c, S, S, 1], [c, S, S, 1]
-        rgbs.append(rgb.clamp(0, 1))
-        alphas.append(alpha)
-        depths.append(depth)
-    rgb = torch.cat(rgbs)  # [F, S, S, 3]
+    cams = orbit_cameras(num_frames, elevation_deg, radius, fov_deg, size, size).to(gaussians.device)
+    out = render(gaussians, cams.c2w, cams.K, size, size, background, backend, chunk_views=chunk)
+    rgb, alpha, depth = (x.movedim(-3, -1) for x in out)  # [F, S, S, 3], [F, S, S, 1], [F, S, S, 1]
+    rgb = rgb.clamp(0, 1)
     if return_depth:
-        return rgb, torch.cat(alphas), torch.cat(depths)
+        return rgb, alpha, depth
     return rgb
-
-
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def save_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
@@ -216,21 +201,17 @@ def save_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
     arr = to_uint8(image)  # [H, W, C]
     if arr.shape[-1] == 1:
         arr = arr[..., 0]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _plain_permissions(tmp)
     return path
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` onto ``path`` with ordinary permissions (mkstemp files are 0600)."""
+def _plain_permissions(tmp: str) -> None:
+    """Give ``tmp`` the mode a plain ``open`` would (0666 minus umask): temporary files are created 0600."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def ffmpeg_available() -> bool:
@@ -260,8 +241,7 @@ def save_video(frames: Tensor | np.ndarray, path: str | os.PathLike, fps: int = 
         raise ValueError(f"save_video expects [F, H, W, 3] frames with F >= 1, got shape {arr.shape}")
     if path.suffix.lower() == ".mp4" and not ffmpeg_available():
         path = path.with_suffix(".gif")
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".gif":
             from PIL import Image
 
@@ -282,7 +262,5 @@ def save_video(frames: Tensor | np.ndarray, path: str | os.PathLike, fps: int = 
                     writer.append_data(f)
             finally:
                 writer.close()
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _plain_permissions(tmp)
     return path

@@ -72,6 +72,7 @@ def test_ply_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="unbatched"):
         make(3, (2,)).save_ply(tmp_path / "b.ply")
     assert not list(tmp_path.rglob("*.tmp"))
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["g.ply"]  # no temporary file left behind
 
 
 def _write_ply(path, props, rows, fmt="binary_little_endian", n=None, extra=b""):
