@@ -1,12 +1,12 @@
 """Forward+backward time and peak memory of the rasterizer backends.
 
-Compares the project's torch backend with its two CPU compositors (``numba``: compiled kernels, the default on CPU;
+Compares the project's two CPU backends (``numba``: compiled kernels, what ``backend="auto"`` picks on CPU;
 ``torch``: pure-PyTorch tiled pair compositing), a straightforward dense torch implementation written here as the
 baseline ([C, N, H·W] alpha matrix + cumprod), and gsplat when CUDA is present.
 
 Scenes: N Gaussians on the surface of a sphere of radius 0.4 (so pixels see several overlapping layers, as with a
 decoded object), scales log-uniform so that footprints have a radius of a few pixels at the given resolution,
-opacities uniform in (0.1, 1), cameras on the SV3D orbit (radius 2, FoV 33.8°).
+opacities uniform in (0.1, 1), cameras on the SV3D orbit (``gsv3d_pl.orbit``: radius 2, FoV 33.8°).
 
 Memory method (CPU): every measurement runs in a fresh subprocess; peak = getrusage(RUSAGE_SELF).ru_maxrss after
 one fwd+bwd minus ru_maxrss just before it (scene and warm-up excluded: the warm-up runs on a 4x smaller scene).
@@ -35,7 +35,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from gsv3d_pl.cameras import orbit_cameras  # noqa: E402
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG  # noqa: E402
 from gsv3d_pl.render import project_gaussians, rasterize  # noqa: E402
+from gsv3d_pl.render.inputs import RasterInputs  # noqa: E402
 from gsv3d_pl.render.numba_backend import numba_available, rasterize_numba  # noqa: E402
 from gsv3d_pl.render.torch_backend import rasterize_torch  # noqa: E402
 
@@ -46,8 +48,8 @@ def make_scene(n: int, views: int, res: int, radius_px: float = 3.0, seed: int =
     d = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
     means = d * (0.4 + 0.02 * torch.randn(n, 1, generator=g))  # [n, 3]
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
-    # 1 px at depth 2 with FoV 33.8°: 2 * tan(16.9°) * 2 / res world units. 3σ ≈ radius_px -> σ = radius_px / 3.
-    px = 4 * math.tan(math.radians(33.8 / 2)) / res
+    # 1 px at the orbit radius: 2 * tan(FoV / 2) * radius / res world units. 3σ ≈ radius_px -> σ = radius_px / 3.
+    px = 2 * math.tan(math.radians(FOV_DEG / 2)) * DEFAULT_RADIUS / res
     sigma = radius_px / 3 * px
     scales = sigma * torch.exp(0.5 * torch.randn(n, 3, generator=g)).clamp(0.3, 3.0)  # [n, 3]
     opac = 0.1 + 0.9 * torch.rand(n, generator=g)
@@ -96,8 +98,9 @@ def _step(backend: str, scene, viewmats, Ks, res: int, stats: dict | None = None
         rgb, a, d = dense_rasterize(*ins, viewmats, Ks, res, res)
     elif backend in ("torch", "numba"):
         fn = rasterize_numba if backend == "numba" else rasterize_torch
-        rgb, a, d = fn(*(x[None] for x in ins), viewmats[None], Ks[None], res, res,
-                       backgrounds=torch.ones(1, len(viewmats), 3, device=viewmats.device), stats=stats)
+        inputs = RasterInputs(*(x[None] for x in ins), viewmats[None], Ks[None], res, res,
+                              backgrounds=torch.ones(1, len(viewmats), 3, device=viewmats.device))
+        rgb, a, d = fn(inputs, stats=stats)
     else:
         rgb, a, d = rasterize(*ins, viewmats, Ks, res, res, backend="gsplat")
     (rgb.mean() + a.mean() + d.mean()).backward()
