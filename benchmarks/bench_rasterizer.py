@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {devices}, "
           f"load average {os.getloadavg()}", flush=True)
-    cpu_kernels = ["numba"] * numba_available() + ["torch"]
+    cpu_backends = ["numba"] * numba_available() + ["torch"]
     if numba_available():  # compile / load the kernels from the on-disk cache before any timing
         run_sub("numba", 64, 2, 16, 1)
     sizes = [("small", 4096, 8, 64)] + ([] if args.quick else [("large", 32768, 8, 256),
                                                                ("train step", 8192, 25, 64)])
     for name, n, views, res in sizes:
         for device in devices:
-            backends = list(cpu_kernels) if device == "cpu" else ["torch", "gsplat"]
+            backends = list(cpu_backends) if device == "cpu" else ["torch", "gsplat"]
             if device == "cpu" and name == "small":
                 backends.append("dense")
             for b in backends:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                              "estimated": True})
     lin = []
     if not args.quick:
-        for b in cpu_kernels:
+        for b in cpu_backends:
             for n in (4096, 8192, 16384):
                 r = run_sub(b, n, 8, 128, reps)
                 r["size"] = "linearity"
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             for slow in ("torch", "dense"):
                 if fast != slow and fast in by and slow in by:
                     print(f"{size}: {fast} is {by[slow]['time_s'] / by[fast]['time_s']:.1f}x faster than {slow}")
-    for b in cpu_kernels:
+    for b in cpu_backends:
         per = [r["time_s"] / r["pairs"] * 1e9 for r in lin if r["backend"] == b and r.get("pairs")]
         if per:
             print(f"linearity ({b}): ns per evaluated pair = " + ", ".join(f"{x:.1f}" for x in per))

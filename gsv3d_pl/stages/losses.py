@@ -71,16 +71,8 @@ def _gaussian_params(g) -> list[Tensor]:
     return [g.means, g.quats, g.scales, g.opacities, g.colors]
 
 
-def render_views(
-    gaussians,
-    c2w: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
-    background: float | Tensor = 1.0,
-    backend: str = "auto",
-    chunk: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def render_views(gaussians, c2w: Tensor, K: Tensor, width: int, height: int, background: float | Tensor = 1.0,
+                 backend: str = "auto", chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`gsv3d_pl.render.render` with the stages' positional order (``chunk`` = views per call).
 
     Returns rgb [B, V, 3, H, W], alpha [B, V, 1, H, W], depth [B, V, 1, H, W] for Gaussians [B] at c2w
