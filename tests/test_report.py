@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gsv3d_pl.sweep import ABLATION_LABELS, METRIC_COLUMNS, SweepError, collect_results, format_table
+from gsv3d_pl.metrics.columns import ABLATION_COLUMNS
+from gsv3d_pl.sweep import ABLATION_LABELS, SweepError, collect_results, format_table
 from gsv3d_pl.tools import report as report_tool
 
 ROWS = ["w/o RGB loss", "w/o Depth loss", "N = 8", "N = 4", "w/o DINO encoder", "Full Model"]
@@ -66,7 +67,7 @@ def test_full_table_mean_std(tmp_path):
     rows = table_rows(md)
     assert list(rows) == ROWS  # the paper's row order and names
     header = next(ln for ln in md.splitlines() if ln.startswith("| Method"))
-    assert [c.strip() for c in header.strip("|").split("|")][1:] == [h for _, h, _ in METRIC_COLUMNS]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [c.header() for c in ABLATION_COLUMNS]
     for run in runs:
         cell = rows[ABLATION_LABELS[run]][0]
         assert cell == f"{statistics.mean(psnrs[run]):.3f} ± {statistics.stdev(psnrs[run]):.3f}"

@@ -13,28 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from gsv3d_pl.sweep import (
-    SweepError,
-    _parse_only,
-    expand_tasks,
-    load_sweep,
-    render_sbatch,
-    validate_configs,
-    write_sweep,
-)
+from gsv3d_pl.config import parse_config
+from gsv3d_pl.sweep import SweepError, expand_tasks, load_sweep, render_sbatch, validate_configs, write_sweep
 from gsv3d_pl.tools import sweep as sweep_tool
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = ("full", "no_rgb", "no_depth", "n8", "n4", "no_dino")
 
-# A stand-in stage with the contract-5 keys (lambda_rgb, lambda_depth, dino, decoder.init_args.dino_dim,
+# A stand-in stage with the keys the ablations change (lambda_rgb, lambda_depth, dino, decoder.init_args.dino_dim,
 # data.init_args.num_input_views), so the sweep machinery is tested without the real models. Its one weight w
 # grows by exactly 1 per optimizer step (loss = -w, SGD lr 1): the final w counts the steps that reached the
 # final weights, which is how the requeue test proves no step was applied twice or lost.
 STANDIN_SRC = '''
-import json, os, time
+import os, time
 import torch
 import lightning.pytorch as pl
+
+from gsv3d_pl.io import write_json_atomic
 
 
 class Decoder(torch.nn.Module):
@@ -75,10 +70,7 @@ class Counter(pl.LightningModule):
         out = {k: {"value": v, "num_objects": 2, "num_views": 4} for k, v in values.items()}
         out["meta"] = {"fscore_tau": 0.05, "smoke": True, "ckpt_path": self.trainer.ckpt_path, "config": None,
                        "w": float(self.w)}
-        path = os.path.join(self.trainer.default_root_dir, "metrics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(os.path.join(self.trainer.default_root_dir, "metrics.json"), out)
 
 
 class Data(pl.LightningDataModule):
@@ -177,9 +169,9 @@ def _flatten(d, prefix=""):
 )
 def test_overlay_changes_only_its_keys(standin, overlay, expected):
     """Composed with --config base --config overlay (no class_path in the overlay: subclass mode merges into the
-    base's classes), each ablation changes exactly its contract-5 keys and nothing else."""
-    base_cfg = _flatten(_parse_only(["--config", str(standin)]).as_dict())
-    cfg = _flatten(_parse_only(["--config", str(standin), "--config", str(REPO / f"configs/ablations/{overlay}.yaml")])
+    base's classes), each ablation changes exactly its keys and nothing else."""
+    base_cfg = _flatten(parse_config(["--config", str(standin)]).as_dict())
+    cfg = _flatten(parse_config(["--config", str(standin), "--config", str(REPO / f"configs/ablations/{overlay}.yaml")])
                    .as_dict())
     changed = {k: v for k, v in cfg.items() if base_cfg.get(k, "<absent>") != v and k != "config"}
     assert changed == expected
@@ -341,36 +333,22 @@ def test_unknown_overlay_names_line(standin, tmp_path):
         load_sweep(f, root=REPO)
 
 
-def test_unknown_top_level_key_names_line_and_suggests(standin, tmp_path):
-    f = _bad(tmp_path, f"base: {standin}\nseed: [0, 1]\nruns: [{{name: a}}]\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:2: unknown key 'seed' .*did you mean 'seeds'"):
-        load_sweep(f)
-
-
-def test_unknown_slurm_and_run_keys(standin, tmp_path):
-    f = _bad(tmp_path, f"base: {standin}\nruns: [{{name: a}}]\nslurm:\n  partition: x\n  gpus_per_nod: 2\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:5: unknown key 'gpus_per_nod'.*gpus_per_node"):
-        load_sweep(f)
-    f = _bad(tmp_path, f"base: {standin}\nruns:\n  - name: a\n    overlay: [x.yaml]\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:4: unknown key 'overlay' in runs\[0\].*overlays"):
-        load_sweep(f)
-
-
-def test_zero_runs(standin, tmp_path):
-    f = _bad(tmp_path, f"base: {standin}\nseeds: [0]\nruns: []\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:3: `runs` is empty"):
-        load_sweep(f)
-
-
-def test_managed_keys_and_types(standin, tmp_path):
-    f = _bad(tmp_path, f"base: {standin}\nruns:\n  - name: a\n    overrides:\n      trainer.devices: 4\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:5: `trainer.devices` is set by the sweep.*gpus_per_node"):
-        load_sweep(f)
-    f = _bad(tmp_path, f"base: {standin}\nruns: [{{name: a}}, {{name: a}}]\n")
-    with pytest.raises(SweepError, match="duplicate run name 'a'"):
-        load_sweep(f)
-    f = _bad(tmp_path, f"base: {standin}\nmax_parallel: 0\nruns: [{{name: a}}]\n")
-    with pytest.raises(SweepError, match=r"bad.yaml:2: `max_parallel` must be an integer >= 1"):
+@pytest.mark.parametrize("text, message", [
+    ("base: BASE\nseed: [0, 1]\nruns: [{name: a}]\n", r"bad.yaml:2: unknown key 'seed' .*did you mean 'seeds'"),
+    ("base: BASE\nruns: [{name: a}]\nslurm:\n  partition: x\n  gpus_per_nod: 2\n",
+     r"bad.yaml:5: unknown key 'gpus_per_nod'.*gpus_per_node"),
+    ("base: BASE\nruns:\n  - name: a\n    overlay: [x.yaml]\n",
+     r"bad.yaml:4: unknown key 'overlay' in runs\[0\].*overlays"),
+    ("base: BASE\nseeds: [0]\nruns: []\n", r"bad.yaml:3: `runs` is empty"),
+    ("base: BASE\nruns:\n  - name: a\n    overrides:\n      trainer.devices: 4\n",
+     r"bad.yaml:5: `trainer.devices` is set by the sweep.*gpus_per_node"),
+    ("base: BASE\nruns: [{name: a}, {name: a}]\n", "duplicate run name 'a'"),
+    ("base: BASE\nmax_parallel: 0\nruns: [{name: a}]\n", r"bad.yaml:2: `max_parallel` must be an integer >= 1"),
+], ids=["top_level_key", "slurm_key", "run_key", "zero_runs", "managed_key", "duplicate_run", "max_parallel"])
+def test_bad_sweep_file_names_line(standin, tmp_path, text, message):
+    """Unknown keys (with a suggestion), no runs, keys the sweep sets itself, duplicates, wrong types."""
+    f = _bad(tmp_path, text.replace("BASE", str(standin)))
+    with pytest.raises(SweepError, match=message):
         load_sweep(f)
 
 
@@ -456,11 +434,11 @@ def test_paths_interpolated_from_the_config_root_follow_each_task(standin, tmp_p
     ).replace("logger: false", 'logger:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n'
                                 '      init_args: {save_dir: "${....default_root_dir}", name: csv}'))
     sweep = load_sweep(write_sweep_file(tmp_path / "i.yaml", f"base: {base}\nseeds: [0, 1]\nruns: [{{name: a}}]\n"))
-    assert _parse_only(["--config", str(base)]).trainer.callbacks[0].init_args.dirpath == "runs/shared/ckpts"
+    assert parse_config(["--config", str(base)]).trainer.callbacks[0].init_args.dirpath == "runs/shared/ckpts"
     rerooted = validate_configs(sweep)
     assert set(rerooted["a"]) == {"trainer.callbacks", "trainer.logger"}
     for task in expand_tasks(sweep, tmp_path / "out", rerooted):
-        cfg = _parse_only(task.args)
+        cfg = parse_config(task.args)
         assert cfg.trainer.callbacks[0].init_args.dirpath == f"{task.run_dir}/ckpts"
         assert cfg.trainer.logger[0].init_args.save_dir == str(task.run_dir)
         assert cfg.trainer.callbacks[0].init_args.save_last is True  # the rest of the callback is unchanged

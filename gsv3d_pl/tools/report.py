@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsv3d_pl.sweep import SweepError, _atomic_write, collect_results, format_table
+from gsv3d_pl.io import write_text_atomic
+from gsv3d_pl.sweep import SweepError, collect_results, format_table
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     table = format_table(results, args.format)
     print(table, end="")
     if args.output:
-        _atomic_write(Path(args.output), table)
+        write_text_atomic(args.output, table)
     if args.strict and any(r.num_ok < len(r.seeds) for r in results):
         return 1
     return 0

@@ -1,0 +1,174 @@
+"""Runs × seeds -> tasks, and every run's composed config checked with the CLI parser before anything is written.
+
+Each task (one run × one seed) trains with ``gsv3d fit --config base... --config overlay... --k=v...
+--seed_everything=<seed> --trainer.default_root_dir=<run folder> --trainer.devices=<ntasks per node>
+--trainer.num_nodes=<nodes>``; ``gsv3d test`` gets the same arguments. The run folder
+``<out>/<run>/seed<k>`` is absolute and the same on every requeue and every regeneration of the script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gsv3d_pl.config import ConfigError, config_args, parse_config
+from gsv3d_pl.sweep.spec import RunSpec, Sweep, SweepError
+
+__all__ = ["Task", "expand_tasks", "validate_configs"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One array task = one run × one seed. ``args`` follow ``gsv3d fit`` / ``gsv3d test`` (shared by both)."""
+
+    index: int
+    run: str
+    seed: int
+    run_dir: Path
+    args: tuple[str, ...]
+
+
+def _render_value(value: Any) -> str:
+    """A YAML/JSON scalar or structure as jsonargparse reads it back from ``--key=value``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value)
+
+
+def _override_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{k}={_render_value(v)}" for k, v in overrides.items()]
+
+
+def _config_files(sweep: Sweep, run: RunSpec) -> list[Path]:
+    return [*sweep.base, *run.overlays]
+
+
+def _run_args(sweep: Sweep, run: RunSpec) -> list[str]:
+    """``--config`` for the base and the run's overlays, then the overrides (a run's wins over the sweep's)."""
+    return config_args(_config_files(sweep, run), _override_args({**sweep.overrides, **run.overrides}))
+
+
+_RUN_DIR = "@@RUN_DIR@@"  # placeholder in re-rooted overrides (see validate_configs), replaced per task
+_REROOT_KEYS = ("trainer.callbacks", "trainer.logger")
+
+
+def expand_tasks(
+    sweep: Sweep, out_dir: str | os.PathLike, rerooted: dict[str, dict[str, str]] | None = None
+) -> list[Task]:
+    """Runs × seeds, run-major. Task i trains in ``<out_dir>/<run>/seed<k>`` (absolute), the same folder on every
+    requeue and every regeneration of the script.
+
+    Args:
+        rerooted: per run, extra overrides from :func:`validate_configs` that move paths the config derived from
+            its own ``default_root_dir`` (checkpoint dirpath, logger save_dir) into the task's run folder.
+    """
+    out_dir = Path(out_dir).resolve()
+    tasks = []
+    for run in sweep.runs:
+        for seed in sweep.seeds:
+            run_dir = out_dir / run.name / f"seed{seed}"
+            fixes = (rerooted or {}).get(run.name, {})
+            args = [
+                *_run_args(sweep, run),
+                *(f"--{k}={v.replace(_RUN_DIR, str(run_dir))}" for k, v in fixes.items()),
+                f"--seed_everything={seed}",
+                f"--trainer.default_root_dir={run_dir}",
+                f"--trainer.devices={sweep.slurm.ntasks_per_node}",
+                f"--trainer.num_nodes={sweep.slurm.nodes}",
+            ]
+            tasks.append(Task(len(tasks), run.name, seed, run_dir, tuple(args)))
+    return tasks
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = str(text).strip().splitlines()
+    return "\n    ".join(lines[:n] + (["..."] if len(lines) > n else []))
+
+
+def _reroot(value: Any, old_root: str) -> tuple[Any, bool]:
+    """Replace the prefix ``old_root`` of every path string in a nested config value by the task placeholder."""
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root.rstrip("/") + "/")):
+        return _RUN_DIR + value[len(old_root.rstrip("/")):], True
+    if isinstance(value, dict):
+        items = {k: _reroot(v, old_root) for k, v in value.items()}
+        return {k: v for k, (v, _) in items.items()}, any(c for _, c in items.values())
+    if isinstance(value, (list, tuple)):
+        items = [_reroot(v, old_root) for v in value]
+        return [v for v, _ in items], any(c for _, c in items)
+    return value, False
+
+
+def _reroot_overrides(config: Any) -> dict[str, str]:
+    """Stage configs write ``dirpath: "${....default_root_dir}/checkpoints"``; omegaconf resolves that inside the
+    config file, i.e. with the *file's* default_root_dir, before ``--trainer.default_root_dir`` overrides it. Left
+    alone, every task of a sweep would share one checkpoint folder. Returns full-list overrides of
+    ``trainer.callbacks`` / ``trainer.logger`` with those paths moved under the task's folder."""
+    old_root = config.get("trainer.default_root_dir")
+    if not isinstance(old_root, str) or not old_root.strip("/."):
+        return {}
+    d = config.clone().as_dict()
+    out = {}
+    for key in _REROOT_KEYS:
+        section, name = key.split(".")
+        value, changed = _reroot(d.get(section, {}).get(name), old_root)
+        if changed:
+            out[key] = json.dumps(value, default=str)
+    return out
+
+
+def _explain_failure(sweep: Sweep, run: RunSpec, error: ConfigError) -> SweepError:
+    """Which part of a run breaks its config: its config files, one override (by the sweep-file line of that
+    override, found by composing the files with each override alone), or only their combination."""
+    base_args = config_args(_config_files(sweep, run))
+    try:
+        parse_config(base_args)
+    except ConfigError as e:
+        return SweepError(
+            f"{sweep.path}:{run.line}: run {run.name!r}: composing its config files failed "
+            f"({', '.join(str(p) for p in _config_files(sweep, run))}):\n    {_first_lines(str(e))}"
+        )
+    for key, value in {**sweep.overrides, **run.overrides}.items():
+        try:
+            parse_config([*base_args, *_override_args({key: value})])
+        except ConfigError as e:
+            line = run.override_lines.get(key) if key in run.overrides else sweep.override_lines.get(key)
+            return SweepError(
+                f"{sweep.path}:{line or run.line}: run {run.name!r}: override `{key}: {value!r}` is not "
+                f"valid for this config:\n    {_first_lines(str(e))}"
+            )
+    return SweepError(f"{sweep.path}:{run.line}: run {run.name!r}: its config does not parse:\n"
+                      f"    {_first_lines(str(error))}")
+
+
+def validate_configs(sweep: Sweep) -> dict[str, dict[str, str]]:
+    """Compose every run's config (base + overlays + overrides + the sweep's own keys) with the CLI parser, as
+    ``gsv3d fit`` will on the cluster, so a typo fails here and not hours later in the queue. Nothing is built.
+
+    Returns:
+        per run, the re-rooting overrides (see :func:`_reroot_overrides`) to pass to ``write_sweep``.
+
+    Raises:
+        SweepError: naming the run, the sweep-file line of the offending override (found by re-parsing each
+            override alone) or of the run, and jsonargparse's message.
+    """
+    scratch = Path(tempfile.gettempdir()) / "gsv3d-sweep-validate"
+    tasks = expand_tasks(sweep, scratch)
+    by_run = {t.run: t for t in tasks}  # one seed per run is enough: seeds differ in seed_everything only
+    rerooted: dict[str, dict[str, str]] = {}
+    for run in sweep.runs:
+        try:
+            parse_config(by_run[run.name].args)
+            rerooted[run.name] = _reroot_overrides(parse_config(_run_args(sweep, run)))
+            if rerooted[run.name]:  # the composed config with the moved paths must parse too
+                parse_config(expand_tasks(sweep, scratch, rerooted)[by_run[run.name].index].args)
+        except ConfigError as e:
+            raise _explain_failure(sweep, run, e) from e
+    return rerooted
