@@ -35,9 +35,8 @@ from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
 from gsv3d_pl.metrics.results import merge_metrics
-from gsv3d_pl.weights import register
 
-__all__ = ["AppearanceMetrics", "GeometryMetrics", "gather_records"]
+__all__ = ["MetricCallback", "AppearanceMetrics", "GeometryMetrics", "gather_records"]
 
 _REQUIRED_OUT = ("pred_images", "gt_images", "pred_alphas", "pred_depths", "eval_c2w", "eval_K", "gaussians")
 
@@ -100,8 +99,15 @@ def _stat(values: list[float], n_obj: int, n_views: int) -> dict:
     return {"value": v, "num_objects": int(n_obj), "num_views": int(n_views)}
 
 
-class _EvalCallback(pl.Callback):
-    """Shared plumbing: per-object records for the current test/validation epoch, gather, write."""
+class MetricCallback(pl.Callback):
+    """Base of the metric callbacks: per-object records for the current test/validation epoch, a DDP gather,
+    and ``metrics.json`` / ``results.md`` at the end of ``test``.
+
+    A new metric implements two methods (``docs/extending.md``): ``object_records`` turns one batch's
+    novel-view result into ``{uid: record}``, and ``aggregate`` turns every object's record into
+    ``({metric_key: {"value", "num_objects", "num_views"}}, meta)``. Give the key a column in
+    :mod:`gsv3d_pl.metrics.columns` to see it in the tables.
+    """
 
     def __init__(self, on_validation: bool = False, write_results: bool = True):
         super().__init__()
@@ -110,22 +116,21 @@ class _EvalCallback(pl.Callback):
         self._records: dict[str, dict] = {}
         self.last_metrics: dict[str, dict] = {}
 
-    # subclasses implement these two
-    def _object_records(self, outputs: dict, batch: dict, device: torch.device) -> dict[str, dict]:
+    def object_records(self, outputs: dict, batch: dict, device: torch.device) -> dict[str, dict]:
         raise NotImplementedError
 
-    def _aggregate(self, records: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+    def aggregate(self, records: dict[str, dict]) -> tuple[dict[str, dict], dict]:
         raise NotImplementedError
 
     def _update(self, pl_module, outputs, batch) -> None:
         outputs = _check_outputs(outputs, type(self).__name__)
-        for uid, rec in self._object_records(outputs, batch, pl_module.device).items():
+        for uid, rec in self.object_records(outputs, batch, pl_module.device).items():
             self._records.setdefault(uid, rec)
 
     def _finish(self, trainer: pl.Trainer) -> tuple[dict, dict]:
         records = gather_records(self._records)  # collective: every rank
         self._records = {}
-        metrics, meta = self._aggregate(records)
+        metrics, meta = self.aggregate(records)
         self.last_metrics = metrics
         return metrics, meta
 
@@ -161,7 +166,7 @@ class _EvalCallback(pl.Callback):
                 pl_module.log(f"val/{k}", v["value"], sync_dist=False, rank_zero_only=False)
 
 
-class AppearanceMetrics(_EvalCallback):
+class AppearanceMetrics(MetricCallback):
     """PSNR, SSIM, LPIPS, FID, KID and CLIP-IQA of the rendered novel views vs the GT views.
 
     Args:
@@ -199,7 +204,7 @@ class AppearanceMetrics(_EvalCallback):
                 self._metrics = build_image_metrics(**self.kwargs, key_prefix="trainer.callbacks[*].init_args.")
 
     @torch.no_grad()
-    def _object_records(self, outputs, batch, device):
+    def object_records(self, outputs, batch, device):
         # The module reaches its device after the callbacks' setup, so follow it here.
         if next(self._metrics.parameters()).device != device:
             self._metrics.to(device)
@@ -216,7 +221,7 @@ class AppearanceMetrics(_EvalCallback):
             }
         return recs
 
-    def _aggregate(self, records):
+    def aggregate(self, records):
         n_obj = len(records)
         if n_obj == 0:
             return {}, {"smoke": self.mode == "smoke"}
@@ -234,7 +239,7 @@ class AppearanceMetrics(_EvalCallback):
         return out, meta
 
 
-class GeometryMetrics(_EvalCallback):
+class GeometryMetrics(MetricCallback):
     """Chamfer distance, volume IoU and F-Score@τ of the predicted Gaussians vs the GT mesh (unit-bbox frame).
 
     Args:
@@ -267,7 +272,7 @@ class GeometryMetrics(_EvalCallback):
                            density_threshold=density_threshold, mesh_occupancy_method=mesh_occupancy_method)
 
     @torch.no_grad()
-    def _object_records(self, outputs, batch, device):
+    def object_records(self, outputs, batch, device):
         for key in ("mesh_path", "norm_center", "norm_scale"):
             if key not in batch:
                 raise KeyError(f"GeometryMetrics: the batch has no {key!r} (gsv3d_pl.batch.BATCH_KEYS); it is "
@@ -285,7 +290,7 @@ class GeometryMetrics(_EvalCallback):
             recs[uid] = {**res, "num_views": int(depth.shape[1])}
         return recs
 
-    def _aggregate(self, records):
+    def aggregate(self, records):
         n_obj = len(records)
         meta = {"fscore_tau": self.tau}
         if n_obj == 0:
@@ -301,8 +306,11 @@ class GeometryMetrics(_EvalCallback):
         return out, meta
 
 
-@register("callbacks.metrics.AppearanceMetrics")
-def _appearance_specs(init_args: dict) -> list:
+def _appearance_specs(init_args: dict, key_prefix: str) -> list:
+    """The metric networks' files an ``AppearanceMetrics(**init_args)`` at config key ``key_prefix`` needs."""
     a = init_args or {}
     return image_metric_weight_specs(a.get("mode", "pretrained"), a.get("lpips_backbone_path"),
-                                     a.get("inception_path"), a.get("clip_iqa_path"))
+                                     a.get("inception_path"), a.get("clip_iqa_path"), f"{key_prefix}.init_args.")
+
+
+AppearanceMetrics.weight_specs = staticmethod(_appearance_specs)  # what `gsv3d weights` lists for it

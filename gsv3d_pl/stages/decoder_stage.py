@@ -16,30 +16,26 @@ from torch import Tensor, nn
 
 from gsv3d_pl.batch import MultiViewBatch, NovelViews
 from gsv3d_pl.io import write_json_atomic
-from gsv3d_pl.models import VAE, DINOEncoder, GSDecoder
+from gsv3d_pl.models import VAE, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
 from gsv3d_pl.stages.common import StageBase, check_dino, gather_views, novel_view_indices, sample_view_subset
 from gsv3d_pl.stages.handoff import decoder_record
 from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
-from gsv3d_pl.weights import WeightSpec, register, resolve, torch_hub_dir
+from gsv3d_pl.weights import WeightSpec, resolve, torch_hub_dir
 
 __all__ = ["DecoderStage", "lpips_weight_specs"]
 
 log = logging.getLogger(__name__)
 
-_LPIPS_KEY = "model.init_args.lambda_lpips"
-
-
-@register("gsv3d_pl.stages.decoder_stage.DecoderStage")
-@register("gsv3d_pl.DecoderStage")
-def lpips_weight_specs(init_args: dict) -> list[WeightSpec]:
-    """The LPIPS loss needs torchvision's AlexNet backbone (only when ``lambda_lpips > 0``)."""
+def lpips_weight_specs(init_args: dict, key_prefix: str = "model") -> list[WeightSpec]:
+    """The LPIPS loss needs torchvision's AlexNet backbone (only when ``lambda_lpips > 0``): what
+    ``DecoderStage.weight_specs`` returns for the stage at config key ``key_prefix``."""
     if not float(init_args.get("lambda_lpips", 0.0) or 0.0) > 0:
         return []
     return [WeightSpec(
         name="LPIPS loss backbone (torchvision AlexNet)",
-        config_key=_LPIPS_KEY,
+        config_key=f"{key_prefix}.init_args.lambda_lpips",
         candidates=[torch_hub_dir() / "checkpoints" / "alexnet-owt-7be5be79.pth"],
         source="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (into $TORCH_HOME/hub/checkpoints/)",
     )]
@@ -85,11 +81,13 @@ class DecoderStage(StageBase):
         heldout_max_objects / baseline_max_objects: caps for that evaluation (None = all).
     """
 
+    weight_specs = staticmethod(lpips_weight_specs)  # the external files `gsv3d weights` lists for this stage
+
     def __init__(
         self,
         vae: VAE,
         dino: DINOEncoder | None,
-        decoder: GSDecoder,
+        decoder: nn.Module,  # any decoder (docs/extending.md), not only GSDecoder
         lambda_rgb: float = 1.0,
         lambda_depth: float = 1.0,
         depth_loss_on: str = "all",
