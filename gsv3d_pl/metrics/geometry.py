@@ -29,37 +29,27 @@ from torch import Tensor
 
 from gsv3d_pl.cameras import pixel_rays
 
-# Occupancy grids and IoU live in their own module; re-exported so that callers keep importing them from here.
-from gsv3d_pl.metrics.occupancy import (
-    carve_free_space,
-    gaussian_density_grid,
-    gaussian_occupancy,
-    grid_centers,
-    mesh_occupancy,
-    ray_parity_occupancy,
-    volume_iou,
-    winding_numbers,
-)
-from gsv3d_pl.render.projection import quat_to_rotmat
+# The occupancy grids live in their own module; callers still import them from here ("X as X" re-exports).
+from gsv3d_pl.metrics import occupancy
+from gsv3d_pl.metrics.occupancy import carve_free_space as carve_free_space
+from gsv3d_pl.metrics.occupancy import gaussian_density_grid as gaussian_density_grid
+from gsv3d_pl.metrics.occupancy import gaussian_occupancy, mesh_occupancy, volume_iou
+from gsv3d_pl.metrics.occupancy import grid_centers as grid_centers
+from gsv3d_pl.metrics.occupancy import ray_parity_occupancy as ray_parity_occupancy
+from gsv3d_pl.metrics.occupancy import winding_numbers as winding_numbers
+from gsv3d_pl.render.projection import quat_to_rotmat as quat_to_rotmat
 
 __all__ = [
     "nn_distances",
     "chamfer_distance",
     "f_score",
-    "volume_iou",
     "depth_to_points",
     "subsample_points",
-    "grid_centers",
-    "quat_to_rotmat",
-    "gaussian_density_grid",
-    "gaussian_occupancy",
-    "carve_free_space",
-    "ray_parity_occupancy",
-    "winding_numbers",
-    "mesh_occupancy",
     "load_normalized_mesh",
     "sample_surface",
     "evaluate_geometry",
+    "quat_to_rotmat",
+    *occupancy.__all__,
 ]
 
 
