@@ -18,9 +18,10 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from gsv3d_pl.io import atomic_write
 
 __all__ = ["generate_toy_objects", "toy_uid", "TOY_FAMILIES", "TOY_VERSION"]
 
@@ -36,14 +37,6 @@ _PALETTE = np.array([
 def toy_uid(index: int, seed: int = 0) -> str:
     """32-hex-digit uid (the shape of an Objaverse uid) for toy object ``index``."""
     return hashlib.md5(f"gsv3d-toy-v{TOY_VERSION}-{seed}-{index}".encode()).hexdigest()
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _texture(rng: np.random.Generator, kind: str, size: int = 64):
@@ -257,12 +250,14 @@ def generate_toy_objects(root: str | os.PathLike, num_objects: int = 64, seed: i
         family = TOY_FAMILIES[i % len(TOY_FAMILIES)]
         if overwrite or not os.path.exists(out):
             scene, family = make_toy_scene(i, seed)
-            _atomic_write_bytes(out, trimesh.exchange.gltf.export_glb(scene, include_normals=True))
+            with atomic_write(out, "wb") as f:
+                f.write(trimesh.exchange.gltf.export_glb(scene, include_normals=True))
         paths[uid] = rel
         cat = lvis.setdefault(f"toy_{family}", [])
         if uid not in cat:
             cat.append(uid)
         uids.append(uid)
-    _atomic_write_bytes(paths_file, gzip.compress(json.dumps(paths, sort_keys=True).encode(), mtime=0))
-    _atomic_write_bytes(lvis_file, gzip.compress(json.dumps(lvis, sort_keys=True).encode(), mtime=0))
+    for f, d in ((paths_file, paths), (lvis_file, lvis)):
+        with atomic_write(f, "wb") as fh:
+            fh.write(gzip.compress(json.dumps(d, sort_keys=True).encode(), mtime=0))
     return uids

@@ -1,4 +1,5 @@
-"""ObjaverseDataModule: prepare (bad files, resume, manifest), sample contract, splits, loaders, latent cache, CLI."""
+"""ObjaverseDataModule: prepare (bad files, resume, manifest), sample keys and shapes, splits, loaders, latent cache,
+CLI."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 import trimesh
 from PIL import Image
 
-import datamodules.objaverse as dmod
+import datamodules.render_cache as render_cache
 from datamodules import ObjaverseDataModule
+from gsv3d_pl.batch import check_batch
 
 RES = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +70,7 @@ def test_prepare_and_skipped(prepared):
     assert manifest["settings"]["resolution"] == RES
 
 
-def test_sample_contract(prepared):
+def test_sample_keys_and_shapes(prepared):
     dm, good, _, _ = prepared
     dm.setup("fit")
     assert sum(len(v) for v in dm.splits.values()) == 8 + len(good)
@@ -99,6 +101,17 @@ def test_sample_contract(prepared):
     # default collate
     batch = next(iter(dm.train_dataloader()))
     assert batch["target_images"].shape == (2, Q, 3, RES, RES) and len(batch["uid"]) == 2
+
+
+def test_batch_follows_batch_keys(prepared):
+    """A dataset item and a collated batch pass gsv3d_pl.batch.check_batch (every key, rank and size agrees)."""
+    dm, *_ = prepared
+    dm.setup("fit")
+    Q, N = 23, 4
+    item_sizes = check_batch(dm._dataset("val")[0], batched=False)
+    assert {k: item_sizes[k] for k in ("Q", "N", "H", "W")} == {"Q": Q, "N": N, "H": RES, "W": RES}
+    batch = next(iter(dm.train_dataloader()))
+    assert check_batch(batch)["B"] == 2
 
 
 def test_split_is_deterministic(prepared):
@@ -134,7 +147,7 @@ def test_workers_and_latent_cache(prepared):
 def test_resume_renders_only_missing(tmp_path, monkeypatch):
     kw = dict(resolution=16, num_extra_views=0, cache_dir=str(tmp_path / "cache"), toy_objects=6, num_workers=0)
     dm = ObjaverseDataModule(**kw)
-    real = dmod.render_object_to_cache
+    real = render_cache.render_object_to_cache
     count = {"n": 0}
 
     def flaky(*a, **k):
@@ -143,11 +156,12 @@ def test_resume_renders_only_missing(tmp_path, monkeypatch):
         count["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(dmod, "render_object_to_cache", flaky)
+    monkeypatch.setattr(render_cache, "render_object_to_cache", flaky)
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
-    monkeypatch.setattr(dmod, "render_object_to_cache", real)
-    assert not [f for _, _, fs in os.walk(dm.cache_path) for f in fs if f.endswith(".tmp")]
+    monkeypatch.setattr(render_cache, "render_object_to_cache", real)
+    # no half-written files left behind (gsv3d_pl.io names its temporaries .tmp_<name>.*)
+    assert not [f for _, _, fs in os.walk(dm.cache_path) for f in fs if f.startswith(".tmp") or f.endswith(".tmp")]
     dm = ObjaverseDataModule(**kw)
     dm.prepare_data()
     assert dm.prepare_stats["rendered"] == 3 and dm.prepare_stats["cached"] == 6

@@ -8,7 +8,7 @@ import json
 
 import trimesh
 
-from datamodules.objaverse import objaverse_root
+from datamodules.sources import objaverse_root
 from datamodules.toy import TOY_FAMILIES, generate_toy_objects, toy_uid
 
 
