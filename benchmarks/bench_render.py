@@ -45,7 +45,8 @@ def make_mesh(path: str, faces: int) -> None:
 def bench_renderer(path: str, sizes: list[int], views: int, supersample: int = 2, repeats: int = 5
                    ) -> dict[int, float]:
     """Median views/s over ``repeats`` renders of ``views`` orbit cameras (mesh uploaded once, as prepare_data)."""
-    from datamodules.mesh_render import MeshRenderer, load_mesh
+    from datamodules.mesh_io import load_mesh
+    from datamodules.mesh_render import MeshRenderer
     from gsv3d_pl.cameras import orbit_cameras
 
     mesh = load_mesh(path)

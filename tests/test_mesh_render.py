@@ -307,7 +307,7 @@ def test_renderer_in_forked_workers():
     """Built in the parent, used in a forked child (DataLoader worker): the child creates its own context."""
     import multiprocessing as mp
 
-    from datamodules.mesh_render import _CTX
+    from datamodules.gl_context import _CTX
 
     cams = orbit_cameras(width=16, height=16)[20]
     mesh, r = _box_mesh(), MeshRenderer(16)
