@@ -131,6 +131,16 @@ def standin(tmp_path, monkeypatch):
     sys.modules.pop("sweep_standin", None)
 
 
+def fake_executable(path: Path, script: str, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
+    """Write an executable script at ``path``; given ``monkeypatch``, put its folder first on PATH."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    if monkeypatch is not None:
+        monkeypatch.setenv("PATH", f"{path.parent}{os.pathsep}{os.environ['PATH']}")
+    return path
+
+
 def write_sweep_file(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text).lstrip())
     return path
@@ -258,10 +268,7 @@ sys.exit(int(os.environ.get("FAKE_RC", "0")))
 def test_quoting_survives_spaces_and_quotes(standin, tmp_path, monkeypatch):
     """Override values with spaces, quotes and $ reach `gsv3d fit` / `gsv3d test` as single, unchanged arguments,
     also with a space in the output folder; test gets --ckpt_path <run>/checkpoints/last.ckpt."""
-    fake = tmp_path / "bin dir" / "gsv3d"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_GSV3D)
-    fake.chmod(0o755)
+    fake = fake_executable(tmp_path / "bin dir" / "gsv3d", FAKE_GSV3D)
     log = tmp_path / "argv.jsonl"
     monkeypatch.setenv("FAKE_LOG", str(log))
     tricky = "a b 'c' \"d\" $HOME `x` ;&"
@@ -291,9 +298,7 @@ def test_quoting_survives_spaces_and_quotes(standin, tmp_path, monkeypatch):
 
 
 def test_failed_task_leaves_marker(standin, tmp_path, monkeypatch):
-    fake = tmp_path / "gsv3d"
-    fake.write_text(FAKE_GSV3D)
-    fake.chmod(0o755)
+    fake = fake_executable(tmp_path / "gsv3d", FAKE_GSV3D)
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "argv.jsonl"))
     monkeypatch.setenv("FAKE_RC", "3")
     sweep_file = write_sweep_file(tmp_path / "f.yaml", f"base: {standin}\nruns: [{{name: r}}]\n"
@@ -382,11 +387,7 @@ def test_bad_overlay_content_is_reported(standin, tmp_path):
 
 def test_cli_bad_input_writes_and_submits_nothing(standin, tmp_path, capsys, monkeypatch):
     """Fails before anything is written or submitted: sbatch is a trap that records being called."""
-    trap = tmp_path / "bin" / "sbatch"
-    trap.parent.mkdir()
-    trap.write_text(f"#!/bin/sh\ntouch {tmp_path}/SUBMITTED\n")
-    trap.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{trap.parent}{os.pathsep}{os.environ['PATH']}")
+    fake_executable(tmp_path / "bin" / "sbatch", f"#!/bin/sh\ntouch {tmp_path}/SUBMITTED\n", monkeypatch)
     f = _bad(tmp_path, f"base: {standin}\nruns:\n  - name: a\n    overrides: {{model.init_args.lamda_rgb: 0}}\n")
     assert sweep_tool.main([str(f), "--submit", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -395,11 +396,8 @@ def test_cli_bad_input_writes_and_submits_nothing(standin, tmp_path, capsys, mon
 
 
 def test_submit_reports_job_id(standin, tmp_path, capsys, monkeypatch):
-    fake = tmp_path / "bin" / "sbatch"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch_args\necho "4242;cluster"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    fake_executable(tmp_path / "bin" / "sbatch", f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch_args\necho "4242;cluster"\n',
+                    monkeypatch)
     f = ablation_sweep(tmp_path, standin)
     assert sweep_tool.main([str(f), "--submit", "--out", str(tmp_path / "o")]) == 0  # validates all 6 runs too
     assert capsys.readouterr().out.strip() == "4242"
