@@ -21,7 +21,6 @@ class BadMeshError(Exception):
     """An object that cannot be rendered; ``str(err)`` is the reason written to ``skipped.jsonl``."""
 
 
-
 ALPHA_OPAQUE, ALPHA_MASK, ALPHA_BLEND = 0, 1, 2
 _ALPHA_MODES = {"OPAQUE": ALPHA_OPAQUE, "MASK": ALPHA_MASK, "BLEND": ALPHA_BLEND}
 

@@ -133,7 +133,6 @@ class _GPUMesh:
         self._res, self.items = [], []
 
 
-
 class MeshRenderer:
     """Renders RGB / alpha / depth views of a :class:`MeshData` for OpenCV cameras.
 
