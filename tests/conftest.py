@@ -1,6 +1,13 @@
-"""Suite-wide settings: offline hubs, `gpu` tests skip without CUDA."""
+"""Suite-wide settings (offline hubs, `gpu` tests skip without CUDA) and shared fixtures.
 
+Fixtures:
+    one_thread: torch on one thread for the test (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    fake_hf_cache: an empty Hugging Face hub cache in the standard layout, ``HF_HUB_CACHE`` pointing at it.
+"""
+
+import hashlib
 import os
+from pathlib import Path
 
 # Nothing may download at test time; make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +25,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def one_thread():
+    # 2 shared cores: OpenMP spin-waiting with 2 threads makes small ops ~100× slower under load.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class FakeHFCache:
+    """A hub cache folder laid out as ``huggingface_hub`` writes it::
+
+        <root>/models--org--name/refs/main           the commit hash of the current snapshot
+        <root>/models--org--name/snapshots/<hash>/   the files (plain files here, symlinks into blobs/ in a real one)
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def add(self, repo_id: str, files: dict[str, bytes | str] | None = None, commit: str | None = None,
+            main: bool = True) -> Path:
+        """Create snapshot ``commit`` (default: a hash of the repo id) of ``repo_id`` holding ``files``
+        (path -> content); ``main=True`` points ``refs/main`` at it. Returns the snapshot folder."""
+        commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+        repo = self.root / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name, data in (files or {}).items():
+            path = snapshot / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode() if isinstance(data, str) else data)
+        if main:
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+
+@pytest.fixture
+def fake_hf_cache(tmp_path, monkeypatch) -> FakeHFCache:
+    root = tmp_path / "hf_hub_cache"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    return FakeHFCache(root)

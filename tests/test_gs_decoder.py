@@ -11,13 +11,7 @@ from gsv3d_pl.cameras import orbit_cameras, random_cameras
 from gsv3d_pl.gaussians import Gaussians
 from gsv3d_pl.models.gs_decoder import GS_DECODER_PRESETS, GSDecoder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batch(B=2, N=4, h=8, seed=0, dino_dim=64, T=16):
