@@ -1,5 +1,5 @@
-"""`gsv3d predict`: input validation and preprocessing, atomic output folders, text -> image, and the
-end-to-end image -> 3D run with a tiny distill checkpoint built in the test."""
+"""`gsv3d predict`: bad input, atomic output folders, config loading, text -> image, and the end-to-end
+image -> 3D run with a tiny distill checkpoint built in the test (preprocessing: tests/test_preprocess.py)."""
 
 from __future__ import annotations
 
@@ -13,146 +13,21 @@ import pytest
 import torch
 from PIL import Image
 
-from gsv3d_pl.inference import (
-    ImageInputError,
-    atomic_output_dir,
-    default_foreground_ratio,
-    estimate_foreground,
-    load_image,
-    orbit_input_indices,
-    preprocess_image,
-)
+from gsv3d_pl.inference import ImageInputError, atomic_output_dir, preprocess_image
 from gsv3d_pl.tools import predict as predict_tool
+from tests.images import write_rgb_white, write_rgba
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def disc_mask(size: int = 160, center=(70, 95), radius: int = 30) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]
-    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 < radius**2  # [H, W] bool
-
-
-def write_rgba(path: Path, size: int = 160, color=(200, 40, 30)) -> Path:
-    m = disc_mask(size)
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[..., :3] = color
-    rgba[..., 3] = m * 255
-    Image.fromarray(rgba).save(path)
-    return path
-
-
-def write_rgb_white(path: Path, size: int = 160, color=(200, 40, 30)) -> Path:
-    m = disc_mask(size)
-    rgb = np.full((size, size, 3), 255, np.uint8)
-    rgb[m] = color
-    Image.fromarray(rgb).save(path)
-    return path
-
-
 def no_leftovers(parent: Path, name: str) -> bool:
-    """Neither the output folder nor any temporary sibling of it exists."""
+    """Neither the output folder nor any temporary (hidden) sibling of it exists."""
     if not parent.exists():
         return True
-    return not (parent / name).exists() and not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
-
-
-# ------------------------------------------------------------------------------------------------ preprocessing
-
-def test_default_foreground_ratio_matches_orbit_geometry():
-    # sphere of diameter 1 at distance 2 with FoV 33.8°: tan(asin(0.25)) / tan(16.9°)
-    assert default_foreground_ratio() == pytest.approx(0.2581989 / 0.3038302, rel=1e-4)
-    assert default_foreground_ratio(radius=3.0) < default_foreground_ratio(radius=2.0)
-
-
-def test_rgba_is_recentred_and_rescaled(tmp_path):
-    img, alpha = preprocess_image(write_rgba(tmp_path / "a.png"), size=128, foreground_ratio=0.5)
-    assert img.shape == (3, 128, 128) and alpha.shape == (1, 128, 128)
-    assert img.dtype == torch.float32 and 0.0 <= img.min() and img.max() <= 1.0
-    ys, xs = torch.nonzero(alpha[0] > 0.5, as_tuple=True)
-    # the disc (off-centre in the source) is centred and spans half the frame
-    assert (ys.float().mean() - 63.5).abs() < 1.5 and (xs.float().mean() - 63.5).abs() < 1.5
-    assert abs((xs.max() - xs.min() + 1).item() - 64) <= 2
-    # composited on white outside, object colour inside
-    assert torch.allclose(img[:, 0, 0], torch.ones(3))
-    assert torch.allclose(img[:, 64, 64], torch.tensor([200, 40, 30]) / 255.0, atol=0.02)
-
-
-def test_rgb_on_white_matches_rgba(tmp_path):
-    a_img, a_alpha = preprocess_image(write_rgba(tmp_path / "a.png"), size=96)
-    b_img, b_alpha = preprocess_image(write_rgb_white(tmp_path / "b.png"), size=96)
-    assert (a_alpha - b_alpha).abs().mean() < 0.02
-    assert (a_img - b_img).abs().mean() < 0.02
-
-
-def test_foreground_keeps_background_coloured_parts_inside_the_object():
-    rgb = np.ones((100, 100, 3), np.float32)
-    rgb[20:80, 20:80] = (0.1, 0.2, 0.8)  # a blue box ...
-    rgb[40:60, 40:60] = 1.0  # ... with a white label in the middle (not connected to the border)
-    fg, alpha = estimate_foreground(rgb)
-    assert alpha[50, 50] == 1.0 and alpha[30, 30] == 1.0 and alpha[5, 5] == 0.0
-    assert np.allclose(fg[30, 30], (0.1, 0.2, 0.8), atol=1e-5)
-
-
-def test_foreground_on_grey_background_is_unmixed():
-    rgb = np.full((100, 100, 3), 0.5, np.float32)
-    rgb[30:70, 30:70] = (1.0, 0.0, 0.0)
-    rgb[30:70, 29] = 0.5 * np.array([1.0, 0.0, 0.0]) + 0.5 * 0.5  # a 50 % anti-aliased edge
-    fg, alpha = estimate_foreground(rgb)
-    assert 0.2 < alpha[50, 29] <= 1.0 and np.allclose(fg[50, 29], (1.0, 0.0, 0.0), atol=0.05)
-    assert alpha[0, 0] == 0.0
-
-
-def test_palette_and_16bit_are_converted(tmp_path):
-    # palette image with a transparent index
-    m = disc_mask()
-    p = Image.fromarray(np.where(m, 1, 0).astype(np.uint8), mode="P")
-    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    p.info["transparency"] = 0
-    p.save(tmp_path / "p.png", transparency=0)
-    assert Image.open(tmp_path / "p.png").mode == "P"
-    img, alpha = preprocess_image(tmp_path / "p.png", size=64)
-    assert alpha.max() == 1.0 and alpha.min() == 0.0
-    assert torch.allclose(img[:, 32, 32], torch.tensor([10, 200, 30]) / 255.0, atol=0.03)
-
-    # 16-bit greyscale on a plain (black) background: scaled from 16 bits, not clipped as 8 bits
-    g = np.zeros((160, 160), np.uint16)
-    g[m] = 40000
-    Image.fromarray(g).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    rgb, a = load_image(tmp_path / "g16.png")
-    assert a is None and rgb.shape == (160, 160, 3)
-    assert rgb[70, 95, 0] == pytest.approx(40000 / 65535, abs=1e-4)
-    img, alpha = preprocess_image(tmp_path / "g16.png", size=64)
-    assert img[0, 32, 32] == pytest.approx(40000 / 65535, abs=0.01) and img[0, 0, 0] == 1.0
-
-    # greyscale + alpha (LA)
-    la = np.zeros((160, 160, 2), np.uint8)
-    la[..., 0] = 90
-    la[..., 1] = m * 255
-    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
-    img, alpha = preprocess_image(tmp_path / "la.png", size=64)
-    assert torch.allclose(img[:, 32, 32], torch.full((3,), 90 / 255), atol=0.02)
-
-
-def test_opaque_alpha_channel_falls_back_to_border(tmp_path):
-    rgba = np.full((160, 160, 4), 255, np.uint8)
-    rgba[disc_mask()] = (20, 20, 200, 255)
-    Image.fromarray(rgba).save(tmp_path / "opaque.png")
-    _, alpha = preprocess_image(tmp_path / "opaque.png", size=64)
-    assert alpha[0, 0, 0] == 0.0 and alpha[0, 32, 32] == 1.0
-
-
-def test_orbit_input_indices():
-    assert orbit_input_indices(4) == [4, 9, 15, 20]
-    assert orbit_input_indices(1) == [20]
-    assert orbit_input_indices(21) == list(range(21))
-    for n in range(1, 22):
-        idx = orbit_input_indices(n)
-        assert len(idx) == n and idx[-1] == 20
-    with pytest.raises(ValueError):
-        orbit_input_indices(0)
+    hidden = [p for p in parent.iterdir() if p.name.startswith(".") and name in p.name]
+    return not (parent / name).exists() and not hidden
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -296,6 +171,41 @@ def test_prompt_without_pipeline_folder_is_missing_weights(tmp_path, capsys):
     assert "--t2i_pipeline" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ configs
+
+def test_load_stage_takes_a_saved_run_config(tmp_path):
+    """A run's saved config.yaml holds ``ckpt_path``: accepted. Only the model is built (no datamodule, no
+    logger folders); the data settings come from ``data.init_args``, the input frames by the datamodule's rule."""
+    import yaml
+
+    from gsv3d_pl.orbit import input_frames
+
+    cfg = yaml.safe_load((ROOT / "configs" / "decoder" / "tiny.yaml").read_text())
+    cfg["ckpt_path"] = None
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    cfg["data"]["init_args"]["cache_dir"] = str(tmp_path / "cache")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    stage, settings = predict_tool.load_stage([str(saved)])
+    assert type(stage).__name__ == "DecoderStage"
+    init = cfg["data"]["init_args"]
+    assert settings["resolution"] == init["resolution"] and settings["num_input_views"] == init["num_input_views"]
+    assert settings["eval_input_indices"] == input_frames(init["num_input_views"]) == [4, 9, 15, 20]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_config_key_is_named_with_exit_2(tmp_path, capsys):
+    img = write_rgba(tmp_path / "a.png")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    lamda_rgb: 0.0\n")
+    tiny = str(ROOT / "configs" / "decoder" / "tiny.yaml")
+    code = predict_tool.main(["--config", tiny, "--config", str(typo), "--image", str(img), "--out",
+                              str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lamda_rgb" in err and str(typo) in err
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------------------ text -> image
 
 def build_tiny_t2i_pipeline(folder: Path) -> Path:
@@ -366,40 +276,22 @@ def _read_yaml(path: Path) -> dict:
 def demo(tmp_path_factory) -> dict:
     import yaml
 
-    from gsv3d_pl.models import GSDecoder
-
     tmp = tmp_path_factory.mktemp("demo")
-    dec_cfg = _read_yaml(ROOT / "configs" / "decoder" / "tiny.yaml")
-    dec_args = dec_cfg["model"]["init_args"]["decoder"]["init_args"]
-    decoder = GSDecoder(**dec_args)
-    torch.save({"state_dict": {f"decoder.{k}": v for k, v in decoder.state_dict().items()}}, tmp / "decoder.ckpt")
+    dec_yaml = ROOT / "configs" / "decoder" / "tiny.yaml"
+    dec_args = _read_yaml(dec_yaml)["model"]["init_args"]["decoder"]["init_args"]
+    # The stage-1 checkpoint as `gsv3d fit` writes it (the stage's own hook records the decoder's class/args).
+    dec_stage, _ = predict_tool.load_stage([str(dec_yaml)])
+    dec_ckpt = {"state_dict": dec_stage.state_dict()}
+    dec_stage.on_save_checkpoint(dec_ckpt)
+    torch.save(dec_ckpt, tmp / "decoder.ckpt")
 
     overlay = {
         "trainer": {"default_root_dir": str(tmp / "run"), "logger": False},
         "model": {"init_args": {"decoder_ckpt": str(tmp / "decoder.ckpt")}},
         "data": {"init_args": {"cache_dir": str(tmp / "cache")}},
     }
-    distill_yaml = ROOT / "configs" / "distill" / "tiny.yaml"
-    if distill_yaml.exists():
-        configs = [distill_yaml]
-    else:  # the distill config is not in this checkout yet: the same stage composed from the decoder config
-        base = {
-            "seed_everything": dec_cfg.get("seed_everything", 0),
-            "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
-            "model": {"class_path": "gsv3d_pl.DistillStage", "init_args": {
-                "sv3d": {"class_path": "gsv3d_pl.models.SV3D", "init_args": {"unet_preset": "tiny"}},
-                "vae": dec_cfg["model"]["init_args"]["vae"],
-                "clip": {"class_path": "gsv3d_pl.models.CLIPImageEmbedder", "init_args": {"preset": "tiny"}},
-                "dino": dec_cfg["model"]["init_args"]["dino"],
-                "decoder": dec_cfg["model"]["init_args"]["decoder"],
-                "decoder_ckpt": "unset",
-            }},
-            "data": dec_cfg["data"],
-        }
-        configs = [tmp / "distill_base.yaml"]
-        configs[0].write_text(yaml.safe_dump(base, sort_keys=False))
     (tmp / "overlay.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
-    configs = [*configs, tmp / "overlay.yaml"]
+    configs = [ROOT / "configs" / "distill" / "tiny.yaml", tmp / "overlay.yaml"]
 
     stage, settings = predict_tool.load_stage([str(c) for c in configs])
     ckpt = {"state_dict": stage.state_dict()}

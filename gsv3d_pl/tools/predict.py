@@ -76,31 +76,45 @@ def _slug(text: str, max_len: int = 48) -> str:
 
 
 def load_stage(configs: list[str]):
-    """Build the LightningModule (and read the data settings) of ``configs`` via the project's LightningCLI.
+    """Build the LightningModule of ``configs`` and read the data settings inference must match.
+
+    The configs are parsed as ``gsv3d fit`` parses them (:func:`gsv3d_pl.config.parse_config`, so a run's own
+    saved ``config.yaml`` works too); only the ``model`` section is built, after seeding with the config's
+    ``seed_everything`` as ``gsv3d fit`` does. The datamodule is not built: its settings are read from
+    ``data.init_args``.
 
     Returns:
-        (stage, settings): settings holds what the datamodule defines and inference must match, where the
-        config has it: ``resolution``, ``radius``, ``fov_deg``, ``num_input_views``, ``eval_input_indices``.
+        (stage, settings): settings holds, where the config has them, ``resolution``, ``radius``, ``fov_deg``,
+        ``num_input_views`` and ``eval_input_indices`` (default: :func:`gsv3d_pl.orbit.input_frames`, the
+        datamodule's rule).
+    Raises:
+        FileNotFoundError: a config file does not exist. ConfigError (a ValueError): it does not parse.
     """
-    from gsv3d_pl.cli import build_cli
+    from lightning.pytorch import seed_everything
 
-    args: list[str] = []
+    from gsv3d_pl.config import ConfigError, config_args, instantiate_section, parse_config
+    from gsv3d_pl.orbit import input_frames
+
     for c in configs:
         if not Path(c).is_file():
             raise FileNotFoundError(f"--config {c}: no such file")
-        args += ["--config", str(c)]
-    # No loggers: inference must not create empty version_N folders (and config/hparams files) in the run folder.
-    cli = build_cli(args=[*args, "--trainer.logger=false"], run=False)
-    dm = getattr(cli, "datamodule", None)
-    render_cfg = getattr(dm, "render_cfg", None) or {}
-    settings = {}
-    for key in ("resolution", "num_input_views", "eval_input_indices"):
-        if getattr(dm, key, None) is not None:
-            settings[key] = getattr(dm, key)
-    for key in ("radius", "fov_deg"):
-        if render_cfg.get(key) is not None:
-            settings[key] = render_cfg[key]
-    return cli.model, settings
+    try:
+        cfg = parse_config(config_args(configs))
+    except ConfigError as e:
+        raise ConfigError(f"--config {' '.join(map(str, configs))}: {e}") from None
+    seed = cfg.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seed_everything(seed, workers=True, verbose=False)
+    try:
+        stage = instantiate_section(cfg, "model")
+    except ValueError as e:  # jsonargparse wraps the constructor's own error (e.g. MissingWeightsError) in a
+        raise (e.__cause__ or e) from None  # union-type error whose message repeats the whole config
+    init = (cfg.get("data") or {}).get("init_args") or {}
+    settings = {k: init.get(k) for k in ("resolution", "num_input_views", "eval_input_indices", "radius", "fov_deg")
+                if init.get(k) is not None}
+    if "eval_input_indices" not in settings and "num_input_views" in settings:
+        settings["eval_input_indices"] = input_frames(int(settings["num_input_views"]))
+    return stage, settings
 
 
 def load_checkpoint(stage, ckpt_path: str) -> dict:
@@ -184,14 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"--image {args.image}: no such file or folder")
             return 1
     else:
-        from gsv3d_pl.weights import MissingWeightsError, WeightSpec
+        from gsv3d_pl.inference import t2i_pipeline_spec
+        from gsv3d_pl.weights import MissingWeightsError
 
-        t2i = Path(args.t2i_pipeline).expanduser()
-        if not (t2i / "model_index.json").is_file():
-            _err(str(MissingWeightsError(WeightSpec(
-                name="text-to-image diffusers pipeline (for --prompt)", config_key="--t2i_pipeline", explicit=t2i,
-                source="a folder written by DiffusionPipeline.save_pretrained (model_index.json + components), "
-                       "e.g. stabilityai/stable-diffusion-2-1-base downloaded on a machine with network access"))))
+        if not (Path(args.t2i_pipeline).expanduser() / "model_index.json").is_file():
+            _err(str(MissingWeightsError(t2i_pipeline_spec(args.t2i_pipeline))))
             return 2
         out = Path(args.out) if args.out else Path("outputs") / _slug(args.prompt)
         jobs = [(Path(f"<prompt: {args.prompt}>"), out)]
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gsv3d_pl.inference import ImageTo3D, text_to_image, write_prediction
+    from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
     from gsv3d_pl.weights import MissingWeightsError
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if resolution <= 0:
         _err("the config has no data.init_args.resolution; pass --resolution")
         return 2
-    kw = {"radius": float(settings.get("radius", 2.0)), "fov_deg": float(settings.get("fov_deg", 33.8))}
+    kw = {"radius": float(settings.get("radius", DEFAULT_RADIUS)), "fov_deg": float(settings.get("fov_deg", FOV_DEG))}
     if input_views is not None:
         kw["input_indices"] = input_views
     elif getattr(stage, "num_input_views", None) is None and settings.get("eval_input_indices"):

@@ -1,0 +1,158 @@
+"""The image -> 3D pipeline (:class:`ImageTo3D`): SV3D samples the orbit, the GS decoder lifts it to Gaussians.
+
+CLIP embedding + VAE conditioning latent of the preprocessed image -> SV3D samples the 21-frame orbit latents
+(frame 20 = the input view) -> the VAE decodes them for display -> N of them, with their orbit cameras and the
+DINO tokens of the image, go through the GS decoder -> one set of Gaussians (:class:`Prediction`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, NUM_FRAMES, input_frames, orbit_angles
+
+__all__ = ["Prediction", "ImageTo3D"]
+
+
+@dataclass
+class Prediction:
+    """Everything :class:`ImageTo3D` produces for one image.
+
+    Attributes:
+        image: [3, H, W] the preprocessed input view R (composited on the background), in [0, 1].
+        alpha: [1, H, W] its foreground mask.
+        latents: [21, 4, h, w] scaled SV3D orbit latents (h = H/8); frame 20 is the input view.
+        frames: [21, 3, H, W] the orbit decoded by the VAE, in [0, 1].
+        cameras: the 21 orbit cameras (OpenCV c2w [21, 4, 4], K [21, 3, 3] at H x W).
+        input_indices: [N] long, the orbit frames given to the GS decoder.
+        gaussians: unbatched Gaussians, G = N·H'·W'.
+        elevation_deg: the orbit's elevation.
+    """
+
+    image: Tensor
+    alpha: Tensor
+    latents: Tensor
+    frames: Tensor
+    cameras: object
+    input_indices: Tensor
+    gaussians: object
+    elevation_deg: float
+
+
+class ImageTo3D:
+    """Image -> SV3D orbit latents -> GS decoder -> Gaussians (GSV3D's inference path).
+
+    Args:
+        sv3d: :class:`gsv3d_pl.models.SV3D` (LoRA already loaded if any).
+        vae, clip, decoder, dino: the frozen VAE, CLIP image embedder, GS decoder and DINO encoder (None when
+            the decoder has no cross-attention).
+        input_indices: orbit frames fed to the decoder; default :func:`gsv3d_pl.orbit.input_frames` (num_input_views).
+        num_input_views: N when ``input_indices`` is not given.
+        radius, fov_deg: the orbit cameras (must match the decoder's training renders).
+        background: background grey level of the training renders.
+        cond_aug: noise augmentation of the conditioning latent (SV3D inference: 1e-5).
+        num_steps: Euler-EDM steps (None = the SV3D model's default, 50).
+        replace_input_frame: use the input image's own latent for frame 20 instead of the sampled one (the
+            input view is known exactly; Stability's script overwrites that frame too).
+        autocast: a zero-argument context-manager factory for mixed precision (e.g. a stage's ``autocast``).
+        decode_chunk: frames per VAE decode call (bounds memory at 576²).
+    """
+
+    def __init__(self, sv3d, vae, clip, decoder, dino=None, input_indices: list[int] | None = None,
+                 num_input_views: int = 4, radius: float = DEFAULT_RADIUS, fov_deg: float = FOV_DEG, background: float = 1.0,
+                 cond_aug: float = 1e-5, num_steps: int | None = None, replace_input_frame: bool = True,
+                 autocast=None, decode_chunk: int = 4):
+        if sv3d is None:
+            raise ValueError("ImageTo3D needs an SV3D model (a distill config); a decoder-only config has none")
+        self.sv3d, self.vae, self.clip, self.decoder, self.dino = sv3d, vae, clip, decoder, dino
+        idx = list(input_indices) if input_indices is not None else input_frames(num_input_views)
+        if not idx or len(set(idx)) != len(idx) or not all(0 <= i < NUM_FRAMES for i in idx):
+            raise ValueError(f"input_indices must be distinct orbit frames in [0, {NUM_FRAMES - 1}], got {idx}")
+        self.input_indices = idx
+        self.radius, self.fov_deg, self.background = float(radius), float(fov_deg), float(background)
+        self.cond_aug, self.num_steps = float(cond_aug), num_steps
+        self.replace_input_frame = replace_input_frame
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext
+        self.decode_chunk = max(1, int(decode_chunk))
+
+    @classmethod
+    def from_stage(cls, stage, **kwargs) -> ImageTo3D:
+        """Build from a :class:`gsv3d_pl.DistillStage` (its SV3D+LoRA, encoders, frozen decoder and settings).
+
+        ``kwargs`` override the constructor arguments (e.g. ``input_indices``, ``radius``).
+        """
+        sv3d = getattr(stage, "sv3d", None)
+        if sv3d is None:
+            raise ValueError(
+                f"{type(stage).__name__} has no SV3D model: image -> 3D needs a distill config "
+                "(e.g. configs/distill/tiny.yaml, which holds SV3D, the VAE, CLIP, DINO and the stage-1 decoder)"
+            )
+        n = getattr(stage, "num_input_views", None)
+        args = dict(sv3d=sv3d, vae=stage.vae, clip=stage.clip, decoder=stage.decoder, dino=getattr(stage, "dino", None),
+                    background=getattr(stage, "background", 1.0), cond_aug=getattr(stage, "cond_aug", 1e-5),
+                    autocast=getattr(stage, "autocast", None))
+        if n is not None:
+            args["num_input_views"] = int(n)
+        args.update(kwargs)
+        return cls(**args)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor, alpha: Tensor | None = None, elevation_deg: float = 10.0, seed: int = 0,
+                 num_steps: int | None = None, progress: bool = True) -> Prediction:
+        """Run the pipeline on one preprocessed image.
+
+        Args:
+            image: [3, H, W] in [0, 1], object centred on the background
+                (:func:`~gsv3d_pl.inference.preprocess.preprocess_image`); H = W = the model's resolution (a
+                multiple of 8).
+            alpha: [1, H, W] foreground mask (kept in the result only).
+            elevation_deg: camera elevation of the input view (SV3D polar = 90° − elevation).
+            seed: sampling seed (the result is deterministic for a seed on a given device).
+            num_steps: override the sampler's step count.
+        Returns:
+            :class:`Prediction`.
+        """
+        from gsv3d_pl.cameras import orbit_cameras
+
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+        S = image.shape[-1]
+        if image.shape[-2] != S or S % 8:
+            raise ValueError(f"image must be square with a side divisible by 8 (VAE latents), got {tuple(image.shape)}")
+        dev = self.device
+        img = image.to(dev, torch.float32)[None]  # [1, 3, H, W]
+        g = torch.Generator(device=dev).manual_seed(int(seed))
+        cond_aug = torch.full((1,), self.cond_aug, device=dev)  # [1]
+        clip_emb = self.clip(img).float()  # [1, 1, D]
+        cond_latent = self.vae.encode_cond(img, cond_aug, generator=g).float()  # [1, 4, h, w], unscaled
+        polars, azimuths = orbit_angles(1, NUM_FRAMES, float(elevation_deg), device=dev)  # [1, 21] each
+        with self.autocast():
+            lat = self.sv3d.sample(clip_emb, cond_latent, polars, azimuths, cond_aug,
+                                   num_steps=num_steps or self.num_steps, generator=g, progress=progress)
+        lat = lat.float()  # [1, 21, 4, h, w]
+        if self.replace_input_frame:
+            lat[:, -1] = self.vae.encode(img).float()
+        frames = torch.cat([self.vae.decode(c).float() for c in lat[0].split(self.decode_chunk)])  # [21, 3, H, W]
+        frames = frames.clamp(0.0, 1.0)
+        if self.replace_input_frame:
+            frames[-1] = img[0]
+        cams = orbit_cameras(NUM_FRAMES, float(elevation_deg), self.radius, self.fov_deg, S, S).to(dev)
+        idx = torch.tensor(self.input_indices, device=dev, dtype=torch.long)  # [N]
+        dino = None if self.dino is None else self.dino(img).float()  # [1, T, C]
+        with self.autocast():
+            gs = self.decoder(lat[:, idx], cams.c2w[idx][None], cams.K[idx][None], dino)  # batch [1]
+        gaussians = gs[0].to(torch.float32).detach()
+        return Prediction(
+            image=img[0].cpu(), alpha=(alpha if alpha is not None else torch.ones_like(img[0, :1])).float().cpu(),
+            latents=lat[0].cpu(), frames=frames.cpu(), cameras=cams.to("cpu"), input_indices=idx.cpu(),
+            gaussians=gaussians, elevation_deg=float(elevation_deg),
+        )
+
