@@ -83,3 +83,24 @@ def test_run_paths_follow_default_root_dir():
     c = cfg(None, ".")  # no dirpath: the run folder's checkpoints/, not Lightning's versioned default
     reroot_run_paths(c)
     assert c.callbacks[0].init_args.dirpath == "runs/sweep/a/seed0/checkpoints"
+
+
+def test_data_prepare_overrides_and_config_errors(tmp_path, capsys):
+    code, out = run_main(["data", "prepare", "--help"], capsys)
+    assert code == 0 and "--config" in out and "--data.init_args" in out
+    # Overrides go through the fit parser: a misspelled key and a bad value are both named; exit status 2.
+    assert main(["data", "prepare", "--config", str(TINY), "--data.init_args.supersampel=2"]) == 2
+    err = capsys.readouterr().err
+    assert "supersampel" in err and str(TINY) in err
+    assert main(["data", "prepare", "--config", str(TINY), "--data.init_args.supersample=0"]) == 2
+    assert "data.init_args.supersample must be in 1..4" in capsys.readouterr().err
+    small = ["--data.init_args.toy_objects=2", "--data.init_args.resolution=16", "--data.init_args.num_extra_views=0",
+             f"--data.init_args.cache_dir={tmp_path / 'cache'}"]
+    assert main(["data", "prepare", "--config", str(TINY), *small]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("rendered=2 skipped=0 cache=") and str(tmp_path / "cache") in last
+
+
+def test_weights_tool_through_the_command(capsys):
+    assert main(["weights", "--config", str(TINY)]) == 0
+    assert "No external weight files" in capsys.readouterr().out

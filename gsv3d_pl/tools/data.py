@@ -1,63 +1,57 @@
-"""``gsv3d data prepare --config CFG [--config CFG2] [--data.init_args.KEY=VALUE ...]``.
+"""``gsv3d data prepare --config CFG [--config CFG2] [--KEY=VALUE ...]``.
 
-Builds only the config's ``data`` section (its ``class_path`` + ``init_args``; the model is not instantiated, so
-missing model weights do not matter here), runs ``prepare_data()`` and ends by printing
-``rendered=<n> skipped=<m> cache=<path>``. ``gsv3d_pl`` does not import ``datamodules``: the class is reached only
-through the config's ``class_path``.
+The configs are parsed exactly as ``gsv3d fit`` parses them (:func:`gsv3d_pl.config.parse_config`; overrides such
+as ``--data.init_args.resolution=128`` may name any key and are type-checked), then only the ``data`` section is
+built (the model is not instantiated, so missing model weights do not matter here), ``prepare_data()`` runs, and
+the command ends by printing ``rendered=<n> skipped=<m> cache=<path>``. ``gsv3d_pl`` does not import
+``datamodules``: the class is reached only through the config's ``class_path``.
+
+Exit status 2 when the config does not parse or the datamodule rejects its arguments; the message names the
+config files and the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gsv3d_pl.config import ConfigError, config_args, instantiate_section, parse_config
+
+__all__ = ["main", "build_datamodule"]
 
 
-def _data_section(configs: list[str], overrides: list[str]) -> dict:
-    import yaml
-    from omegaconf import OmegaConf
+def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
+    """The LightningDataModule of a LightningCLI config (parsed and type-checked as ``gsv3d fit`` does).
 
-    merged = OmegaConf.create({})
-    for path in configs:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))  # later files win, lists replaced (as LightningCLI)
-    data = OmegaConf.to_container(merged, resolve=True).get("data")
-    if isinstance(data, str):  # `data: path/to/data.yaml`
-        data = OmegaConf.to_container(OmegaConf.load(data), resolve=True)
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise SystemExit(f"gsv3d data: no `data: {{class_path: ..., init_args: ...}}` section in {configs}")
-    for ov in overrides:
-        key, _, value = ov.lstrip("-").partition("=")
-        parts = key.split(".")
-        if parts[0] != "data" or len(parts) < 2:
-            raise SystemExit(f"gsv3d data: only --data.* overrides are accepted here, got {ov!r}")
-        node = data
-        for p in parts[1:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value) if value else None
-    return data
-
-
-def build_datamodule(configs: list[str], overrides: list[str] | None = None):
-    """Instantiate the LightningDataModule of a LightningCLI config (type-checked by jsonargparse)."""
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    data = _data_section(configs, overrides or [])
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    cfg = parser.parse_object({"data": data})
-    return parser.instantiate_classes(cfg).data
+    Raises:
+        ConfigError: the config does not parse (jsonargparse's message, naming the key).
+    """
+    cfg = parse_config(config_args(configs, overrides))
+    try:
+        return instantiate_section(cfg, "data")
+    except ValueError as e:  # jsonargparse wraps the constructor's own error in a union-type error whose
+        raise (e.__cause__ or e) from None  # message repeats the whole config: raise the constructor's
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gsv3d data", description="dataset tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    prep = sub.add_parser("prepare", help="render every object of the config's datamodule into its cache")
+    prep = sub.add_parser("prepare", help="render every object of the config's datamodule into its cache",
+                          epilog="Other --KEY=VALUE arguments override the configs, as in `gsv3d fit` "
+                                 "(e.g. --data.init_args.resolution=128).")
     prep.add_argument("--config", action="append", required=True, help="LightningCLI YAML (repeatable, later wins)")
-    args, rest = ap.parse_known_args(argv)
-    bad = [r for r in rest if not r.startswith("--data.")]
-    if bad:
-        ap.error(f"unrecognised arguments: {' '.join(bad)} (only --data.KEY=VALUE overrides are accepted)")
-    dm = build_datamodule(args.config, rest)
+    args, overrides = ap.parse_known_args(argv)
+    where = f"--config {' '.join(args.config)}"
+    try:
+        dm = build_datamodule(args.config, overrides)
+    except ConfigError as e:
+        print(f"gsv3d data: cannot read {where}: {e}", file=sys.stderr)
+        return 2
+    except (TypeError, ValueError) as e:  # the datamodule's own argument checks (they name data.init_args.KEY)
+        print(f"gsv3d data: {where}: {e}", file=sys.stderr)
+        return 2
     dm.prepare_data()
     stats = getattr(dm, "prepare_stats", {}) or {}
     cache = stats.get("cache", getattr(dm, "cache_path", None))
