@@ -188,7 +188,7 @@ def test_cli_prepare(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
 model:
-  class_path: not.a.Model
+  class_path: lightning.pytorch.demos.boring_classes.BoringModel  # parsed as `gsv3d fit` would, never built
 data:
   class_path: datamodules.ObjaverseDataModule
   init_args:
