@@ -3,32 +3,30 @@
 Nothing in this project downloads weights. Each pretrained component declares a :class:`WeightSpec`
 (what it is, the config key that points at it, the candidate local paths, where a user gets it). A
 missing file raises :class:`MissingWeightsError` *before* training starts, naming all of that.
-``gsv3d weights --config X`` prints the same information for every spec a config needs.
+
+A class that needs external files says so with a static/class method
+``weight_specs(init_args: dict, key_prefix: str) -> list[WeightSpec]``: ``init_args`` are its constructor
+arguments, ``key_prefix`` the config key of its node (e.g. ``"model.init_args.vae"``), so its specs name full
+keys (``"model.init_args.vae.init_args.path"``). ``gsv3d weights --config X`` finds these methods through
+each ``class_path`` of the parsed config and prints every spec.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["WeightSpec", "MissingWeightsError", "torch_hub_dir", "hf_cache_dir", "resolve", "REGISTRY", "register"]
+from gsv3d_pl.hub import hf_cache_dir
+
+__all__ = ["WeightSpec", "MissingWeightsError", "torch_hub_dir", "hf_cache_dir", "resolve", "require_files"]
 
 
 def torch_hub_dir() -> Path:
     """``$TORCH_HOME/hub`` (default ``~/.cache/torch/hub``), where torchvision/torchmetrics look."""
     home = os.environ.get("TORCH_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
-    )
-    return Path(home) / "hub"
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
     )
     return Path(home) / "hub"
 
@@ -91,16 +89,18 @@ def resolve(spec: WeightSpec) -> Path:
     return found
 
 
-# Components that need external files register a function returning their specs for a given
-# constructor-argument dict; `gsv3d weights` walks a parsed config and calls these.
-REGISTRY: dict[str, callable] = {}
+def require_files(folder: Path, spec: WeightSpec, required: Sequence[str] = (), one_of: Sequence[str] = ()) -> Path | None:
+    """Check a resolved weights folder: every ``required`` file and at least one of ``one_of`` must be in it.
 
-
-def register(class_path: str):
-    """Decorator: ``@register("gsv3d_pl.models.encoders.VAE")`` on ``fn(init_args: dict) -> list[WeightSpec]``."""
-
-    def deco(fn):
-        REGISTRY[class_path] = fn
-        return fn
-
-    return deco
+    Returns:
+        the first existing ``one_of`` file (None when ``one_of`` is empty).
+    Raises:
+        MissingWeightsError: naming the first absent file, with ``spec``'s name, config key and source.
+    """
+    missing = [f for f in required if not (folder / f).exists()]
+    present = next((folder / f for f in one_of if (folder / f).exists()), None)
+    if one_of and present is None:
+        missing.append(one_of[0])
+    if missing:
+        raise MissingWeightsError(WeightSpec(spec.name, spec.config_key, source=spec.source, explicit=folder / missing[0]))
+    return present

@@ -6,23 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from gsv3d_pl.models.encoders import (
-    VAE,
-    CLIPImageEmbedder,
-    DINOEncoder,
-    clip_weight_specs,
-    dino_weight_specs,
-    vae_weight_specs,
-)
-from gsv3d_pl.weights import REGISTRY, MissingWeightsError
+from gsv3d_pl.models.encoders import VAE, CLIPImageEmbedder, DINOEncoder
+from gsv3d_pl.weights import MissingWeightsError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +149,32 @@ def test_pretrained_vae_loads_a_local_diffusers_folder(tmp_path, encoders):
     torch.testing.assert_close(v.encode(x) / 0.18215, encoders[0].encode(x) / encoders[0].scaling_factor)
 
 
-def test_weight_specs_registered_and_tiny_needs_nothing():
-    for path in ("gsv3d_pl.models.VAE", "gsv3d_pl.models.encoders.CLIPImageEmbedder", "gsv3d_pl.models.DINOEncoder"):
-        assert path in REGISTRY
-    assert vae_weight_specs({}) == [] and clip_weight_specs({"preset": "tiny"}) == []
-    (spec,) = dino_weight_specs({"preset": "pretrained", "model_name": "vit_base_patch14_dinov2"})
+def test_pretrained_vae_without_path_comes_from_the_hub_cache(fake_hf_cache, encoders):
+    """No ``path``: the vae/ folder of the current (refs/main) sv3d-diffusers snapshot, not a stale one."""
+    repo = "chenguolin/sv3d-diffusers"
+    stale = fake_hf_cache.add(repo, {"vae/config.json": "{}"}, commit="a" * 40)  # no weights: loading it fails
+    current = fake_hf_cache.add(repo, commit="b" * 40)
+    encoders[0].vae.save_pretrained(current / "vae")
+    assert (stale / "vae").is_dir()
+    v = VAE("pretrained")
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(v.encode(x) / 0.18215, encoders[0].encode(x) / encoders[0].scaling_factor)
+
+
+def test_weight_specs_and_tiny_needs_nothing(fake_hf_cache):
+    assert VAE.weight_specs({}, "model.init_args.vae") == []
+    assert CLIPImageEmbedder.weight_specs({"preset": "tiny"}, "model.init_args.clip") == []
+    (spec,) = DINOEncoder.weight_specs({"preset": "pretrained", "model_name": "vit_base_patch14_dinov2"},
+                                       "model.init_args.dino")
     assert "vit_base_patch14_dinov2" in spec.name and spec.config_key == "model.init_args.dino.init_args.path"
     assert spec.status() == "MISSING"
+    (spec,) = CLIPImageEmbedder.weight_specs({"preset": "pretrained"}, "model.init_args.stage.init_args.clip")
+    assert spec.config_key == "model.init_args.stage.init_args.clip.init_args.path"  # keyed where the node is
+    # Found in the hub cache's current snapshot; the .safetensors file is preferred over the .bin.
+    snap = fake_hf_cache.add("laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                             {"open_clip_pytorch_model.bin": "x", "open_clip_model.safetensors": "y"})
+    (spec,) = CLIPImageEmbedder.weight_specs({"preset": "pretrained"}, "model.init_args.clip")
+    assert spec.find() == snap / "open_clip_model.safetensors" and spec.status() == "found"
     with pytest.raises(ValueError, match="only read with preset='pretrained'"):
         VAE("tiny", path="/x")
 

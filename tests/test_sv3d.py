@@ -14,19 +14,12 @@ from gsv3d_pl.models.sv3d import (
     UNET_PRESETS,
     EDMPreconditioner,
     SV3DUNet,
-    sv3d_weight_specs,
     triangle_cfg_scales,
 )
+from gsv3d_pl.orbit import orbit_angles
 from gsv3d_pl.weights import MissingWeightsError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP spin-waiting with 2 threads makes small ops ~100× slower under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(B=2, F=21, h=8, D=64, seed=0):
@@ -34,7 +27,7 @@ def _inputs(B=2, F=21, h=8, D=64, seed=0):
     z0 = torch.randn(B, F, 4, h, h, generator=g)
     clip = torch.randn(B, 1, D, generator=g)
     cond = torch.randn(B, 4, h, h, generator=g)
-    pol, az = SV3D.orbit_angles(B, F, elevation_deg=torch.tensor([[10.0], [-5.0]])[:B])
+    pol, az = orbit_angles(B, F, elevation_deg=torch.tensor([[10.0], [-5.0]])[:B])
     aug = torch.full((B,), 0.02)
     return z0, clip, cond, pol, az, aug
 
@@ -57,7 +50,7 @@ def test_camera_embedding_matches_reference_and_is_per_frame():
     torch.manual_seed(0)
     unet = SV3DUNet(**UNET_PRESETS["tiny"])
     B, F = 2, 21
-    pol, az = SV3D.orbit_angles(B, F, elevation_deg=12.0)
+    pol, az = orbit_angles(B, F, elevation_deg=12.0)
     ids = torch.stack([torch.full((B, F), 1e-5), pol, az], dim=-1)  # [B, F, 3]
     emb = unet.camera_embedding(ids)
     assert emb.shape == (B, F, 160) and emb.dtype == torch.float32
@@ -128,8 +121,22 @@ def test_missing_pretrained_unet_names_config_key(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match="config.json"):
         SV3D(unet_preset="pretrained", unet_path=str(tmp_path / "empty"))
-    assert sv3d_weight_specs({"unet_preset": "tiny"}) == []
-    assert sv3d_weight_specs({"unet_preset": "pretrained", "unet_path": "/x"})[0].explicit == "/x"
+    assert SV3D.weight_specs({"unet_preset": "tiny"}, "model.init_args.sv3d") == []
+    (spec,) = SV3D.weight_specs({"unet_preset": "pretrained", "unet_path": "/x"}, "model.init_args.sv3d")
+    assert spec.explicit == "/x" and spec.config_key == "model.init_args.sv3d.init_args.unet_path"
+
+
+def test_pretrained_unet_from_the_hub_cache_fp16_variant(fake_hf_cache):
+    """No unet_path: the unet/ folder of the refs/main snapshot; an fp16-variant-only folder loads too."""
+    torch.manual_seed(0)
+    stock = UNetSpatioTemporalConditionModel(**UNET_PRESETS["tiny"])
+    snap = fake_hf_cache.add("chenguolin/sv3d-diffusers", commit="c" * 40)
+    stock.save_pretrained(snap / "unet", variant="fp16")
+    assert (snap / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (snap / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    m = SV3D(unet_preset="pretrained")
+    for k, v in stock.state_dict().items():
+        assert torch.equal(v, m.unet.state_dict()[k].to(v.dtype))
 
 
 def test_edm_scalings_and_loss_weight():

@@ -1,14 +1,24 @@
-"""`gsv3d weights`: config walking, status table, exit codes."""
+"""`gsv3d weights`: configs parsed as `gsv3d fit` parses them, weight specs found through class_path, the
+status table, exit codes, and hub-cache look-ups that follow refs/main."""
 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
-import pytest
-
+from gsv3d_pl.hub import hub_path, hub_snapshot
 from gsv3d_pl.tools import weights as tool
 
-PRETRAINED = textwrap.dedent("""
+ROOT = Path(__file__).resolve().parents[1]
+
+# The fit parser needs a model and a datamodule; Lightning's boring ones need no files.
+BASE = textwrap.dedent("""
+    model:
+      class_path: lightning.pytorch.demos.boring_classes.BoringModel
+    data:
+      class_path: lightning.pytorch.demos.boring_classes.BoringDataModule
+""")
+PRETRAINED = BASE + textwrap.dedent("""
     trainer:
       callbacks:
         - class_path: callbacks.metrics.GeometryMetrics
@@ -50,15 +60,22 @@ def test_listing_without_config_and_bad_input(tmp_path, capsys):
     assert tool.main([]) == 0
     out = capsys.readouterr().out
     assert "alexnet-owt-7be5be79.pth" in out and "weights-inception-2015-12-05-6726825d.pth" in out
+    assert "AppearanceMetrics.init_args.inception_path" in out  # keyed by class name without a config
+    # Bad configs are the fit parser's errors, naming the file and the key; exit status 2.
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: nowhere.Missing\n")
-    assert tool.main(["--config", str(bad)]) == 0
-    assert "cannot import 'nowhere.Missing'" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        tool.main(["--config", str(tmp_path / "nope.yaml")])
+    assert tool.main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "nowhere.Missing" in err and 'key "model"' in err
+    assert tool.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     bad.write_text("- a\n- b\n")
-    with pytest.raises(ValueError, match="mapping"):
-        tool.main(["--config", str(bad)])
+    assert tool.main(["--config", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(BASE + "trainer:\n  max_stepz: 3\n")
+    assert tool.main(["--config", str(typo)]) == 2
+    assert "max_stepz" in capsys.readouterr().err
 
 
 def test_find_class_nodes_keys():
@@ -67,3 +84,48 @@ def test_find_class_nodes_keys():
     assert tool.find_class_nodes(cfg) == [("model", "A", {"vae": {"class_path": "B", "init_args": {"path": "p"}}}),
                                           ("model.init_args.vae", "B", {"path": "p"}),
                                           ("trainer.callbacks[0]", "C", {})]
+
+
+def test_aliased_class_path_and_overrides(tmp_path, monkeypatch, capsys):
+    """`gsv3d_pl.DecoderStage` (a re-export) reaches DecoderStage.weight_specs; --key=value overrides apply."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert tool.import_class("gsv3d_pl.DecoderStage") is tool.import_class("gsv3d_pl.stages.decoder_stage.DecoderStage")
+    tiny = str(ROOT / "configs" / "decoder" / "tiny.yaml")
+    assert tool.main(["--config", tiny]) == 0
+    assert "No external weight files" in capsys.readouterr().out
+    assert tool.main(["--config", tiny, "--model.init_args.lambda_lpips=0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "model.init_args.lambda_lpips" in out and "alexnet-owt-7be5be79.pth" in out
+
+
+def test_paper_scale_distill_config_lists_every_model_file(tmp_path, monkeypatch, capsys, fake_hf_cache):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    snap = fake_hf_cache.add("chenguolin/sv3d-diffusers", {"unet/config.json": "{}", "vae/config.json": "{}"})
+    assert tool.main(["--config", str(ROOT / "configs" / "distill" / "objaverse.yaml")]) == 1
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("gsv3d_pl.")}
+    for key in ("vae", "clip", "dino"):
+        assert rows[f"model.init_args.{key}.init_args.path"]
+    unet = rows["model.init_args.sv3d.init_args.unet_path"]
+    assert str(snap / "unet") in unet and unet.rstrip().endswith("found")
+
+
+def test_hub_path_follows_refs_main(fake_hf_cache):
+    repo = "org/model"
+    old = fake_hf_cache.add(repo, {"unet/config.json": "{}", "model.safetensors": "old"}, commit="0" * 40)
+    new = fake_hf_cache.add(repo, {"unet/config.json": "{}", "model.safetensors": "new"}, commit="f" * 40)
+    assert sorted(p.name for p in (fake_hf_cache.root / "models--org--model" / "snapshots").iterdir()) == [
+        old.name, new.name]  # the lexicographically first snapshot is the stale one
+    assert hub_snapshot(repo) == new
+    assert hub_path(repo, "model.safetensors").read_text() == "new"
+    assert hub_path(repo, "unet") == new / "unet" and hub_path(repo) == new
+    (fake_hf_cache.root / "models--org--model" / "refs" / "main").write_text(old.name)
+    assert hub_path(repo, "model.safetensors").read_text() == "old"
+
+
+def test_hub_path_without_snapshot_is_a_placeholder(fake_hf_cache):
+    fake_hf_cache.add("org/no-main", {"a.bin": "x"}, main=False)  # a snapshot, but no refs/main names it
+    for repo in ("org/no-main", "org/absent"):
+        assert hub_snapshot(repo) is None
+        p = hub_path(repo, "a.bin")
+        assert not p.exists() and p.parent.name == "<revision>"
+        assert p.parent.parent == fake_hf_cache.root / f"models--{repo.replace('/', '--')}" / "snapshots"

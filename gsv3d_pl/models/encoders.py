@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import hashlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsv3d_pl.weights import MissingWeightsError, WeightSpec, hf_cache_dir, register, resolve
+from gsv3d_pl.hub import hub_path
+from gsv3d_pl.weights import WeightSpec, require_files, resolve
 
 __all__ = [
     "FrozenModule",
@@ -38,9 +37,6 @@ __all__ = [
     "DINOEncoder",
     "TINY_CLIP_MODEL",
     "TINY_VAE_CONFIG",
-    "vae_weight_specs",
-    "clip_weight_specs",
-    "dino_weight_specs",
 ]
 
 _PRESETS = ("tiny", "pretrained")
@@ -64,14 +60,6 @@ def _check_preset(cls: str, preset: str, path) -> None:
         raise ValueError(f"{cls}: unknown preset {preset!r}; choose one of {_PRESETS}")
     if preset == "tiny" and path is not None:
         raise ValueError(f"{cls}: `path` is only read with preset='pretrained' (got path={path!r} with preset='tiny')")
-
-
-def _hub_files(repo: str, pattern: str) -> list[Path]:
-    """Existing files/folders ``pattern`` inside the HF-cache snapshots of ``repo``; if none, the
-    un-globbed location (so that messages say where we looked)."""
-    root = hf_cache_dir() / ("models--" + repo.replace("/", "--")) / "snapshots"
-    found = sorted(Path(p) for p in glob.glob(str(root / "*" / pattern)))
-    return found or [root / "<revision>" / pattern]
 
 
 class FrozenModule(nn.Module):
@@ -158,19 +146,10 @@ def _vae_spec(path, key_prefix: str = "model.init_args.vae") -> WeightSpec:
     return WeightSpec(
         name="SD image VAE (AutoencoderKL, diffusers format)",
         config_key=f"{key_prefix}.init_args.path",
-        candidates=_hub_files("stabilityai/sd-vae-ft-mse", "") + _hub_files("chenguolin/sv3d-diffusers", "vae"),
+        candidates=[hub_path("stabilityai/sd-vae-ft-mse"), hub_path("chenguolin/sv3d-diffusers", "vae")],
         source=_VAE_SOURCE,
         explicit=path,
     )
-
-
-@register("gsv3d_pl.models.VAE")
-@register("gsv3d_pl.models.encoders.VAE")
-def vae_weight_specs(init_args: dict, key_prefix: str = "model.init_args.vae") -> list[WeightSpec]:
-    """WeightSpecs a ``VAE(**init_args)`` needs (none for tiny)."""
-    if init_args.get("preset", "tiny") == "tiny":
-        return []
-    return [_vae_spec(init_args.get("path"), key_prefix)]
 
 
 @torch.no_grad()
@@ -185,15 +164,6 @@ def _zero_residual_branches(vae: nn.Module) -> None:
         elif name.endswith("to_out.0") and isinstance(mod, nn.Linear):
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
-
-
-def _require_files(folder: Path, spec: WeightSpec, required: list[str], one_of: list[str]) -> None:
-    """Raise MissingWeightsError if ``folder`` lacks a required file or all of ``one_of``."""
-    missing = [f for f in required if not (folder / f).exists()]
-    if one_of and not any((folder / f).exists() for f in one_of):
-        missing.append(one_of[0])
-    if missing:
-        raise MissingWeightsError(WeightSpec(spec.name, spec.config_key, source=spec.source, explicit=folder / missing[0]))
 
 
 class VAE(FrozenModule):
@@ -214,6 +184,13 @@ class VAE(FrozenModule):
         chunk_size: images per VAE call in encode/decode (bounds memory at 576²).
     """
 
+    @staticmethod
+    def weight_specs(init_args: dict, key_prefix: str = "model.init_args.vae") -> list[WeightSpec]:
+        """The files a ``VAE(**init_args)`` at config key ``key_prefix`` needs (none for tiny)."""
+        if init_args.get("preset", "tiny") == "tiny":
+            return []
+        return [_vae_spec(init_args.get("path"), key_prefix)]
+
     def __init__(self, preset: str = "tiny", path: str | None = None, scaling_factor: float | None = None,
                  chunk_size: int = 16):
         super().__init__()
@@ -227,8 +204,8 @@ class VAE(FrozenModule):
         else:
             spec = _vae_spec(path)
             folder = resolve(spec)
-            _require_files(folder, spec, ["config.json"],
-                           ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
+            require_files(folder, spec, ["config.json"],
+                          ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
             self.vae = AutoencoderKL.from_pretrained(str(folder))
         if scaling_factor is None:
             scaling_factor = 4.0 if preset == "tiny" else 0.18215
@@ -321,18 +298,10 @@ def _clip_spec(path, model_name: str, key_prefix: str = "model.init_args.clip") 
     return WeightSpec(
         name=f"open_clip {model_name} image tower weights",
         config_key=f"{key_prefix}.init_args.path",
-        candidates=_hub_files(repo, "open_clip_model.safetensors") + _hub_files(repo, "open_clip_pytorch_model.bin"),
+        candidates=[hub_path(repo, "open_clip_model.safetensors"), hub_path(repo, "open_clip_pytorch_model.bin")],
         source=_CLIP_SOURCE,
         explicit=path,
     )
-
-
-@register("gsv3d_pl.models.CLIPImageEmbedder")
-@register("gsv3d_pl.models.encoders.CLIPImageEmbedder")
-def clip_weight_specs(init_args: dict, key_prefix: str = "model.init_args.clip") -> list[WeightSpec]:
-    if init_args.get("preset", "tiny") == "tiny":
-        return []
-    return [_clip_spec(init_args.get("path"), init_args.get("model_name", "ViT-H-14"), key_prefix)]
 
 
 class CLIPImageEmbedder(FrozenModule):
@@ -348,6 +317,13 @@ class CLIPImageEmbedder(FrozenModule):
             laion/CLIP-ViT-H-14-laion2B-s32B-b79K.
         model_name: open_clip architecture for "pretrained".
     """
+
+    @staticmethod
+    def weight_specs(init_args: dict, key_prefix: str = "model.init_args.clip") -> list[WeightSpec]:
+        """The files a ``CLIPImageEmbedder(**init_args)`` at config key ``key_prefix`` needs (none for tiny)."""
+        if init_args.get("preset", "tiny") == "tiny":
+            return []
+        return [_clip_spec(init_args.get("path"), init_args.get("model_name", "ViT-H-14"), key_prefix)]
 
     def __init__(self, preset: str = "tiny", path: str | None = None, model_name: str = "ViT-H-14"):
         super().__init__()
@@ -398,18 +374,10 @@ def _dino_spec(path, model_name: str, key_prefix: str = "model.init_args.dino") 
     return WeightSpec(
         name=f"timm {model_name} weights",
         config_key=f"{key_prefix}.init_args.path",
-        candidates=_hub_files(f"timm/{model_name}.lvd142m", "model.safetensors"),
+        candidates=[hub_path(f"timm/{model_name}.lvd142m", "model.safetensors")],
         source=_DINO_SOURCE.format(name=model_name),
         explicit=path,
     )
-
-
-@register("gsv3d_pl.models.DINOEncoder")
-@register("gsv3d_pl.models.encoders.DINOEncoder")
-def dino_weight_specs(init_args: dict, key_prefix: str = "model.init_args.dino") -> list[WeightSpec]:
-    if init_args.get("preset", "tiny") == "tiny":
-        return []
-    return [_dino_spec(init_args.get("path"), init_args.get("model_name", "vit_small_patch14_dinov2"), key_prefix)]
 
 
 class DINOEncoder(FrozenModule):
@@ -422,6 +390,14 @@ class DINOEncoder(FrozenModule):
         image_size: input side (a multiple of 14); T = (image_size / 14)² tokens. timm resamples the
             pretrained position embedding (trained at 518) to it.
     """
+
+    @staticmethod
+    def weight_specs(init_args: dict, key_prefix: str = "model.init_args.dino") -> list[WeightSpec]:
+        """The files a ``DINOEncoder(**init_args)`` at config key ``key_prefix`` needs (none for tiny)."""
+        if init_args.get("preset", "tiny") == "tiny":
+            return []
+        model_name = init_args.get("model_name", "vit_small_patch14_dinov2")
+        return [_dino_spec(init_args.get("path"), model_name, key_prefix)]
 
     def __init__(self, preset: str = "tiny", model_name: str = "vit_small_patch14_dinov2", path: str | None = None,
                  image_size: int = 224):

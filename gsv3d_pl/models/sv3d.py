@@ -24,9 +24,7 @@ unscaled.
 
 from __future__ import annotations
 
-import glob
 import os
-from pathlib import Path
 
 import torch
 from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
@@ -35,8 +33,10 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from torch import Tensor, nn
 
+from gsv3d_pl.hub import hub_path
 from gsv3d_pl.models.encoders import tiny_init_seed
-from gsv3d_pl.weights import MissingWeightsError, WeightSpec, hf_cache_dir, register, resolve
+from gsv3d_pl.orbit import NUM_FRAMES
+from gsv3d_pl.weights import WeightSpec, require_files, resolve
 
 __all__ = [
     "SV3DUNet",
@@ -45,7 +45,6 @@ __all__ = [
     "UNET_PRESETS",
     "LORA_TARGET_MODULES",
     "triangle_cfg_scales",
-    "sv3d_weight_specs",
 ]
 
 # peft target names: these match the spatial (``attn1``/``attn2``) and temporal attention of every
@@ -75,7 +74,7 @@ UNET_PRESETS: dict[str, dict] = {
         layers_per_block=2,
         cross_attention_dim=1024,
         num_attention_heads=(5, 10, 20, 20),
-        num_frames=21,
+        num_frames=NUM_FRAMES,
     ),
     # Random init, CPU-fast. Channels are multiples of 32 (GroupNorm(32) inside the UNet); the
     # projection dim is 5 × addition_time_embed_dim (a + 2a + 2a). cross_attention_dim matches the
@@ -91,7 +90,7 @@ UNET_PRESETS: dict[str, dict] = {
         layers_per_block=1,
         cross_attention_dim=64,
         num_attention_heads=(2, 4),
-        num_frames=21,
+        num_frames=NUM_FRAMES,
     ),
 }
 
@@ -236,46 +235,23 @@ def triangle_cfg_scales(num_frames: int, min_scale: float = 1.0, max_scale: floa
 # ----------------------------------------------------------------------------- weights
 
 _UNET_SOURCE = (
-    "a diffusers-format SV3D-p UNet folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
-    "`huggingface-cli download chenguolin/sv3d-diffusers --include 'unet/*'` (converted from "
+    "a diffusers-format SV3D-p UNet folder (config.json + diffusion_pytorch_model.safetensors, or its fp16 "
+    "variant), e.g. `huggingface-cli download chenguolin/sv3d-diffusers --include 'unet/*'` (converted from "
     "stabilityai/sv3d sv3d_p.safetensors; accept the SV3D licence first)"
 )
-
-
-def _hub_snapshots(repo: str, sub: str = "") -> list[Path]:
-    """Existing snapshot folders (plus ``sub``) of an HF-hub repo in the standard cache; if there is
-    none, the un-globbed pattern, so that error messages show where we looked."""
-    root = hf_cache_dir() / ("models--" + repo.replace("/", "--")) / "snapshots"
-    found = sorted(Path(p) for p in glob.glob(str(root / "*" / sub)))
-    return found or [root / "<revision>" / sub]
+# Any one of these in the folder; the last is diffusers' `variant="fp16"` file name.
+_UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.fp16.safetensors")
 
 
 def _unet_spec(unet_path: str | os.PathLike | None, key_prefix: str = "model.init_args.sv3d") -> WeightSpec:
     return WeightSpec(
         name="SV3D-p UNet (diffusers format)",
         config_key=f"{key_prefix}.init_args.unet_path",
-        candidates=_hub_snapshots("chenguolin/sv3d-diffusers", "unet"),
+        candidates=[hub_path("chenguolin/sv3d-diffusers", "unet")],
         source=_UNET_SOURCE,
         explicit=unet_path,
     )
-
-
-@register("gsv3d_pl.models.SV3D")
-@register("gsv3d_pl.models.sv3d.SV3D")
-def sv3d_weight_specs(init_args: dict, key_prefix: str = "model.init_args.sv3d") -> list[WeightSpec]:
-    """WeightSpecs an ``SV3D(**init_args)`` needs (none for the tiny preset)."""
-    if init_args.get("unet_preset", "tiny") == "tiny":
-        return []
-    return [_unet_spec(init_args.get("unet_path"), key_prefix)]
-
-
-def _check_unet_folder(path: Path, spec: WeightSpec) -> None:
-    missing = [f for f in ("config.json",) if not (path / f).exists()]
-    if not any((path / f).exists() for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")):
-        missing.append("diffusion_pytorch_model.safetensors")
-    if missing:
-        spec = WeightSpec(spec.name, spec.config_key, source=spec.source, explicit=path / missing[0])
-        raise MissingWeightsError(spec)
 
 
 # ----------------------------------------------------------------------------- SV3D wrapper
@@ -295,6 +271,13 @@ class SV3D(nn.Module):
         min_cfg, max_cfg: triangle CFG scales over frames (1.0 -> 2.5 -> 1.0).
         gradient_checkpointing: enable diffusers' checkpointing inside the UNet blocks.
     """
+
+    @staticmethod
+    def weight_specs(init_args: dict, key_prefix: str = "model.init_args.sv3d") -> list[WeightSpec]:
+        """The files an ``SV3D(**init_args)`` at config key ``key_prefix`` needs (none for the tiny preset)."""
+        if init_args.get("unet_preset", "tiny") == "tiny":
+            return []
+        return [_unet_spec(init_args.get("unet_path"), key_prefix)]
 
     def __init__(
         self,
@@ -322,8 +305,9 @@ class SV3D(nn.Module):
         else:
             spec = _unet_spec(unet_path)
             folder = resolve(spec)  # raises MissingWeightsError naming model.init_args.sv3d.init_args.unet_path
-            _check_unet_folder(folder, spec)
-            self.unet = SV3DUNet.from_pretrained(str(folder))
+            weights = require_files(folder, spec, ["config.json"], _UNET_WEIGHTS)
+            variant = "fp16" if weights.name == _UNET_WEIGHTS[-1] else None
+            self.unet = SV3DUNet.from_pretrained(str(folder), variant=variant)
         a = self.unet.config.addition_time_embed_dim
         if self.unet.config.projection_class_embeddings_input_dim != 5 * a:
             raise ValueError(
@@ -513,13 +497,3 @@ class SV3D(nn.Module):
                 D = self.denoise(x, sigma, c_emb, c_lat, pol, azi, aug).float()
             x = sched.step(D, t, x).prev_sample.float()
         return x
-
-    @staticmethod
-    def orbit_angles(batch: int, num_frames: int = 21, elevation_deg: float | Tensor = 0.0,
-                     device=None) -> tuple[Tensor, Tensor]:
-        """SV3D's (polars_rad [B, F], azimuths_rad [B, F]) for a fixed-elevation orbit, last frame = input."""
-        az = torch.deg2rad(torch.linspace(0.0, 360.0, num_frames + 1, dtype=torch.float64)[1:] % 360.0).float()
-        el = torch.as_tensor(elevation_deg, dtype=torch.float32).reshape(-1, 1).expand(batch, num_frames)
-        pol = torch.deg2rad(90.0 - el)
-        return pol.to(device).contiguous(), az.expand(batch, num_frames).to(device).contiguous()
-

@@ -1,55 +1,33 @@
-"""``gsv3d weights [--config A.yaml [--config B.yaml ...]]``: every external weight file, where it is looked
-for, and whether it is there.
+"""``gsv3d weights [--config A.yaml [--config B.yaml ...]] [--key=value ...]``: every external weight file, where
+it is looked for, and whether it is there.
 
-With configs, the YAML files are merged like LightningCLI does (later files win, lists are replaced) and
-walked *without instantiating anything*: every ``class_path`` found (model, its sub-models, data,
-``trainer.callbacks``) has its module imported, so that its ``gsv3d_pl.weights.register`` hook runs, and
-the hook is called with the node's ``init_args``. Exit status 1 if any file is missing.
-Without ``--config``, every registered component is listed with its default arguments.
+With configs, they are parsed exactly as ``gsv3d fit`` parses them (:func:`gsv3d_pl.config.parse_config`: later
+files win, lists are replaced, keys and types checked) and *nothing is instantiated*: every ``class_path`` of the
+parsed config (model, its sub-models, data, ``trainer.callbacks``, ...) is imported, and a class with a
+``weight_specs(init_args, key_prefix)`` method is asked for its files. Exit status 1 if any file is missing, 2 if
+the config does not parse. Without ``--config``, every such class of the project is listed with its default
+arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
+import sys
+from collections.abc import Iterator
+from typing import Any
 
-import yaml
+from gsv3d_pl.config import ConfigError, config_args, parse_config
+from gsv3d_pl.weights import WeightSpec
 
-from gsv3d_pl.weights import REGISTRY, WeightSpec
+__all__ = ["main", "collect_specs", "find_class_nodes", "import_class", "known_components"]
 
-__all__ = ["main", "collect_specs", "load_configs", "find_class_nodes"]
-
-# Modules whose import registers weight specs (for the listing without --config).
-KNOWN_MODULES = ("gsv3d_pl.models", "gsv3d_pl.metrics.image", "callbacks.metrics", "datamodules")
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+# Modules holding the classes listed without --config.
+KNOWN_MODULES = ("gsv3d_pl.models", "gsv3d_pl.stages", "callbacks.metrics", "datamodules")
 
 
-def load_configs(paths: list[str]) -> dict:
-    """The merged YAML of ``paths`` (later wins; lists replaced), with clear errors for bad files."""
-    cfg: dict = {}
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"gsv3d weights: config {p!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"gsv3d weights: config {p!r} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"gsv3d weights: config {p!r} must be a mapping at the top level")
-        cfg = _deep_merge(cfg, data)
-    return cfg
-
-
-def find_class_nodes(node, key: str = "") -> list[tuple[str, str, dict]]:
-    """All ``(config key, class_path, init_args)`` in a config tree, depth first."""
+def find_class_nodes(node: Any, key: str = "") -> list[tuple[str, str, dict]]:
+    """All ``(config key, class_path, init_args)`` in a config tree (plain dicts and lists), depth first."""
     out = []
     if isinstance(node, dict):
         if isinstance(node.get("class_path"), str):
@@ -62,45 +40,46 @@ def find_class_nodes(node, key: str = "") -> list[tuple[str, str, dict]]:
     return out
 
 
-def _registry_fn(class_path: str):
-    """The registered spec function of ``class_path`` (importing its module), or None; also matches a
-    class re-exported under another path (e.g. ``gsv3d_pl.models.VAE`` vs ``gsv3d_pl.models.encoders.VAE``)."""
+def import_class(class_path: str) -> Any:
+    """The object ``class_path`` names; a re-export (``gsv3d_pl.DecoderStage``) is the same class object as its
+    definition (``gsv3d_pl.stages.decoder_stage.DecoderStage``)."""
     module, _, name = class_path.rpartition(".")
-    if not module:
-        module, name = "gsv3d_pl", class_path  # LightningCLI short names such as "DecoderStage"
-    obj = getattr(importlib.import_module(module), name, None)
-    if class_path in REGISTRY:
-        return REGISTRY[class_path]
-    if obj is not None:
-        full = f"{obj.__module__}.{getattr(obj, '__qualname__', name)}"
-        if full in REGISTRY:
-            return REGISTRY[full]
-        for key, fn in REGISTRY.items():
-            kmod, _, kname = key.rpartition(".")
-            try:
-                if getattr(importlib.import_module(kmod), kname, None) is obj:
-                    return fn
-            except ImportError:
-                continue
-    return None
+    return getattr(importlib.import_module(module or "gsv3d_pl"), name)
+
+
+def _specs_of(cls: Any, init_args: dict, key_prefix: str) -> list[WeightSpec]:
+    fn = getattr(cls, "weight_specs", None)
+    return list(fn(init_args, key_prefix)) if callable(fn) else []
 
 
 def collect_specs(cfg: dict) -> tuple[list[tuple[str, WeightSpec]], list[str]]:
-    """([(component class path, spec)], [import problems]) for a merged config dict."""
+    """([(component class path, spec)], [import problems]) for a parsed config (as a dict)."""
     rows, problems = [], []
     for key, class_path, init_args in find_class_nodes(cfg):
         try:
-            fn = _registry_fn(class_path)
+            cls = import_class(class_path)
         except (ImportError, AttributeError) as e:
             problems.append(f"{key}: cannot import {class_path!r} ({e})")
             continue
-        if fn is None:
-            continue
-        for spec in fn(init_args):
-            if not spec.config_key.startswith(("model", "data", "trainer")):
-                spec.config_key = f"{key}.init_args.{spec.config_key}"  # hooks give keys relative to their node
-            rows.append((class_path, spec))
+        rows += [(class_path, spec) for spec in _specs_of(cls, init_args, key)]
     return rows, problems
+
+
+def known_components(problems: list[str]) -> Iterator[tuple[str, type]]:
+    """(class path, class) of every class in :data:`KNOWN_MODULES` with a ``weight_specs`` method, once each."""
+    seen: set[type] = set()
+    for mod in KNOWN_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ImportError as e:
+            problems.append(f"cannot import {mod} ({e})")
+            continue
+        names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+        for name in names:
+            obj = getattr(module, name, None)  # lazy packages (gsv3d_pl.stages) import on attribute access
+            if isinstance(obj, type) and callable(getattr(obj, "weight_specs", None)) and obj not in seen:
+                seen.add(obj)
+                yield f"{obj.__module__}.{obj.__qualname__}", obj
 
 
 def _print_table(rows: list[tuple[str, WeightSpec]]) -> None:
@@ -115,22 +94,27 @@ def _print_table(rows: list[tuple[str, WeightSpec]]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="gsv3d weights", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="gsv3d weights", description=__doc__.split("\n\n")[0],
+                                 epilog="Other --key=value arguments override the configs, as in `gsv3d fit`.")
     ap.add_argument("--config", "-c", action="append", default=[], help="LightningCLI YAML (repeatable)")
-    args = ap.parse_args(argv)
+    args, overrides = ap.parse_known_args(argv)
     problems: list[str] = []
     if args.config:
-        rows, problems = collect_specs(load_configs(args.config))
+        try:
+            cfg = parse_config(config_args(args.config, overrides))
+        except ConfigError as e:
+            print(f"gsv3d weights: cannot read --config {' '.join(args.config)}: {e}", file=sys.stderr)
+            return 2
+        rows, problems = collect_specs(cfg.as_dict())
         if not rows:
             print(f"No external weight files are needed by {', '.join(args.config)} (tiny/smoke presets).")
     else:
-        for mod in KNOWN_MODULES:
-            try:
-                importlib.import_module(mod)
-            except ImportError as e:
-                problems.append(f"cannot import {mod} ({e})")
-        rows = [(cp, spec) for cp, fn in sorted(REGISTRY.items()) for spec in fn({})]
-        print("Every registered weight file (default arguments; pass --config to check a run):")
+        if overrides:
+            ap.error(f"unrecognised arguments: {' '.join(overrides)} (overrides need --config)")
+        # No config key exists without a config: each spec is keyed by its class name instead.
+        rows = [(path, spec) for path, cls in sorted(known_components(problems), key=lambda pc: pc[0])
+                for spec in _specs_of(cls, {}, cls.__name__)]
+        print("Every weight file a component can need (default arguments; pass --config to check a run):")
     if rows:
         _print_table(rows)
     for p in problems:
