@@ -54,16 +54,34 @@ def reroot_run_paths(trainer_cfg) -> None:
             init.dirpath = _reroot(init.dirpath if init.get("dirpath") is not None else "checkpoints", root)
 
 
-def build_cli(args=None, run: bool = True, **kwargs):
+class ParsedConfig(Exception):
+    """Raised by ``build_cli(parse_only=True)`` once the config is parsed; ``.config`` holds it."""
+
+    def __init__(self, config) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+def build_cli(args=None, run: bool = True, parse_only: bool = False, **kwargs):
     """The project's LightningCLI. ``args``/``run`` as in LightningCLI (tests use ``run=False``; then
-    ``args`` has no subcommand)."""
+    ``args`` has no subcommand). ``parse_only`` stops after parsing, before the seed is set or anything is
+    built, by raising :class:`ParsedConfig` (``gsv3d_pl.config.parse_config`` is the way to use it)."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
     class GSV3DCLI(LightningCLI):
+        def _set_seed(self) -> None:
+            if not parse_only:  # a config reader must not reseed the caller's global RNG
+                super()._set_seed()
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             reroot_run_paths(cfg.trainer)
+
+        def instantiate_classes(self) -> None:
+            if parse_only:
+                raise ParsedConfig(self.config)
+            super().instantiate_classes()
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a requeued SLURM job rewrites config.yaml
     parser_kwargs = kwargs.pop("parser_kwargs", {})

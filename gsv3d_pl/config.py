@@ -23,12 +23,6 @@ class ConfigError(ValueError):
     """A config that does not parse; the message is jsonargparse's (it names the key)."""
 
 
-class _Parsed(Exception):
-    def __init__(self, config: Any) -> None:
-        super().__init__("parsed")
-        self.config = config
-
-
 def config_args(configs: Sequence[str], overrides: Sequence[str] = ()) -> list[str]:
     """``--config A --config B`` followed by ``overrides`` (``--key=value`` strings)."""
     return [a for c in configs for a in ("--config", str(c))] + [str(o) for o in overrides]
@@ -48,21 +42,15 @@ def parse_config(args: Sequence[str], subcommand: str = "fit") -> Any:
     Raises:
         ConfigError: the config does not parse (unknown key, wrong type, missing file); jsonargparse's message.
     """
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from gsv3d_pl.cli import build_cli
-
-    class _Parser(LightningArgumentParser):
-        def instantiate_classes(self, cfg, *a, **k):  # the parse is complete: stop before anything is built
-            raise _Parsed(cfg)
+    from gsv3d_pl.cli import ParsedConfig, build_cli
 
     try:
         with warnings.catch_warnings():
-            # LightningCLI warns that `args` differ from sys.argv (they are meant to, here) and about the seed.
+            # LightningCLI warns that `args` differ from sys.argv (they are meant to, here).
             warnings.simplefilter("ignore", UserWarning)
-            build_cli(args=[subcommand, *map(str, args)], run=True, parser_class=_Parser,
-                      parser_kwargs={"exit_on_error": False}, seed_everything_default=False)
-    except _Parsed as done:
+            build_cli(args=[subcommand, *map(str, args)], run=True, parse_only=True,
+                      parser_kwargs={"exit_on_error": False})
+    except ParsedConfig as done:
         return done.config[subcommand]
     except Exception as e:  # jsonargparse raises ArgumentError (or TypeError/ValueError from YAML)
         raise ConfigError(str(e)) from e

@@ -26,6 +26,9 @@ from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_path", "atomic_dir", "write_text_atomic", "write_json_atomic"]
 
+_UMASK = os.umask(0o022)  # read the process umask (os.umask can only read it by setting it) ...
+os.umask(_UMASK)  # ... and put it back
+
 
 def _parent(path: str | os.PathLike) -> str:
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
@@ -43,6 +46,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     suffix = Path(path).suffix if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".tmp_{Path(path).name}.", suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode (callers may chmod again)
     try:
         yield tmp
         os.replace(tmp, path)
