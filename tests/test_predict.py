@@ -173,15 +173,17 @@ def test_prompt_without_pipeline_folder_is_missing_weights(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ configs
 
-def test_load_stage_takes_a_saved_run_config(tmp_path):
-    """A run's saved config.yaml holds ``ckpt_path``: accepted. Only the model is built (no datamodule, no
-    logger folders); the data settings come from ``data.init_args``, the input frames by the datamodule's rule."""
+@pytest.mark.parametrize("saved_by", [{"ckpt_path": None}, {"ckpt_path": None, "verbose": True}], ids=["fit", "test"])
+def test_load_stage_takes_a_saved_run_config(tmp_path, saved_by):
+    """A run's saved config.yaml holds its subcommand's keys (``ckpt_path``; ``verbose`` from `gsv3d test`):
+    accepted. Only the model is built (no datamodule, no logger folders); the data settings come from
+    ``data.init_args``, the input frames by the datamodule's rule."""
     import yaml
 
     from gsv3d_pl.orbit import input_frames
 
     cfg = yaml.safe_load((ROOT / "configs" / "decoder" / "tiny.yaml").read_text())
-    cfg["ckpt_path"] = None
+    cfg.update(saved_by)
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
     cfg["data"]["init_args"]["cache_dir"] = str(tmp_path / "cache")
     saved = tmp_path / "config.yaml"

@@ -91,7 +91,9 @@ def test_aliased_class_path_and_overrides(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert tool.import_class("gsv3d_pl.DecoderStage") is tool.import_class("gsv3d_pl.stages.decoder_stage.DecoderStage")
     tiny = str(ROOT / "configs" / "decoder" / "tiny.yaml")
-    assert tool.main(["--config", tiny]) == 0
+    saved = tmp_path / "saved.yaml"  # the keys a run's saved config.yaml adds (`gsv3d fit` / `gsv3d test`)
+    saved.write_text("ckpt_path: null\nverbose: true\n")
+    assert tool.main(["--config", tiny, "--config", str(saved)]) == 0
     assert "No external weight files" in capsys.readouterr().out
     assert tool.main(["--config", tiny, "--model.init_args.lambda_lpips=0.5"]) == 1
     out = capsys.readouterr().out

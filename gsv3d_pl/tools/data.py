@@ -28,7 +28,8 @@ def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> A
     Raises:
         ConfigError: the config does not parse (jsonargparse's message, naming the key).
     """
-    cfg = parse_config(config_args(configs, overrides))
+    # As `gsv3d test`: its keys are fit's (ckpt_path) plus verbose, so a config.yaml saved by any run parses.
+    cfg = parse_config(config_args(configs, overrides), subcommand="test")
     try:
         return instantiate_section(cfg, "data")
     except ValueError as e:  # jsonargparse wraps the constructor's own error in a union-type error whose

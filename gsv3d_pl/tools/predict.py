@@ -99,7 +99,8 @@ def load_stage(configs: list[str]):
         if not Path(c).is_file():
             raise FileNotFoundError(f"--config {c}: no such file")
     try:
-        cfg = parse_config(config_args(configs))
+        # As `gsv3d test`: its keys are fit's (ckpt_path) plus verbose, so a config.yaml saved by any run parses.
+        cfg = parse_config(config_args(configs), subcommand="test")
     except ConfigError as e:
         raise ConfigError(f"--config {' '.join(map(str, configs))}: {e}") from None
     seed = cfg.get("seed_everything")

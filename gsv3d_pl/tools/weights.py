@@ -101,7 +101,8 @@ def main(argv: list[str]) -> int:
     problems: list[str] = []
     if args.config:
         try:
-            cfg = parse_config(config_args(args.config, overrides))
+            # As `gsv3d test`: its keys are fit's (ckpt_path) plus verbose, so a config.yaml saved by any run parses.
+            cfg = parse_config(config_args(args.config, overrides), subcommand="test")
         except ConfigError as e:
             print(f"gsv3d weights: cannot read --config {' '.join(args.config)}: {e}", file=sys.stderr)
             return 2
