@@ -203,15 +203,7 @@ def save_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
         arr = arr[..., 0]
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        _plain_permissions(tmp)
     return path
-
-
-def _plain_permissions(tmp: str) -> None:
-    """Give ``tmp`` the mode a plain ``open`` would (0666 minus umask): temporary files are created 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
 
 
 def ffmpeg_available() -> bool:
@@ -262,5 +254,4 @@ def save_video(frames: Tensor | np.ndarray, path: str | os.PathLike, fps: int = 
                     writer.append_data(f)
             finally:
                 writer.close()
-        _plain_permissions(tmp)
     return path
