@@ -41,7 +41,7 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
     extra = random_cameras(num_extra_views, width=resolution, height=resolution, generator=g)
     cams = Cameras.cat([orb, extra]) if num_extra_views else orb
     rgb, alpha, depth = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, resolution, resolution,
-                                  backend="torch")  # [Q, H, W, 3|1]
+                                  backend="auto")  # [Q, H, W, 3|1]
     if train:
         idx = torch.randperm(NUM_FRAMES, generator=g)[:num_input_views].sort().values  # [N]
     else:

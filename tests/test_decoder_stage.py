@@ -79,7 +79,7 @@ def test_chunked_rendering_gives_the_same_loss_and_gradients(mode):
     results = []
     for chunk in (None, 5):
         stage.zero_grad()
-        loss, terms = render_loss(stage.predict_gaussians(b), *args, chunk=chunk, backend="torch")
+        loss, terms = render_loss(stage.predict_gaussians(b), *args, chunk=chunk, backend="auto")
         loss.backward()
         grads = {n: p.grad.clone() for n, p in stage.decoder.named_parameters() if p.grad is not None}
         results.append((float(loss), terms, grads))

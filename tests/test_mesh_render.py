@@ -280,7 +280,7 @@ def test_alpha_agrees_with_gaussian_rasterizer(tmp_path):
     res = 96
     cams = cameras_from_spherical([15.0, -20.0], [30.0, 200.0], radius=1.5, width=res, height=res)
     _, alpha_gs, _ = render.rasterize(means, quats, scales, torch.full((G,), 0.99), torch.full((G, 3), 0.5),
-                                      cams.viewmats, cams.K, res, res, backend="torch")
+                                      cams.viewmats, cams.K, res, res, backend="auto")
     alpha_mesh = MeshRenderer(res).render(mesh, cams.c2w, cams.K).alpha
     a, b = alpha_gs[..., 0] > 0.5, alpha_mesh[..., 0] > 0.5
     iou = (a & b).sum().item() / (a | b).sum().item()

@@ -74,7 +74,7 @@ class DecoderStage(StageBase):
         views_per_step: supervise each object on this many of its Q views per training step, drawn at random
             (None = all Q, the paper). A CPU budget knob: the rasterizer's cost is linear in rendered views.
         background: background grey level of the renders (must match the dataset's).
-        render_backend: rasterize backend ("auto": gsplat on CUDA, torch otherwise).
+        render_backend: rasterize backend ("auto": gsplat on CUDA, numba on CPU, else torch).
         use_latent_cache: ask the datamodule to cache VAE latents (``set_latent_encoder``) when it can.
         heldout_eval: at the end of fit, score novel views of held-out (test split) objects against the
             mean-training-image baseline and write ``<run>/heldout_eval.json``.

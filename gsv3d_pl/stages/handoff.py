@@ -98,8 +98,9 @@ def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if not weights:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
     decoder = build_decoder(record, repr(path))
-    missing, unexpected = decoder.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    try:
+        decoder.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches: torch lists them all
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r}: the weights do not fit the decoder it records "
-                         f"({record['class_path']}): missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                         f"({record['class_path']}): {str(e)[:1500]}") from None
     return decoder.eval(), meta
