@@ -1,11 +1,9 @@
 """Frozen encoders: the SD image VAE, the open_clip image embedder and DINOv2.
 
-Every encoder is a :class:`FrozenModule`: ``eval()`` forever, ``requires_grad_(False)``, and **kept out
-of checkpoints**: its ``state_dict()`` entries are dropped by a state-dict post-hook, and a load pre-hook
-fills them back from the live module, so a LightningModule holding encoders saves small checkpoints and
-still loads them with ``strict=True``. The weights therefore always come from the preset: the
-pretrained files, or for ``tiny`` a random init drawn from the global seed (``seed_everything`` makes
-it identical across DDP ranks and resumed runs; :meth:`FrozenModule.weights_key` tells them apart).
+Every encoder is a :class:`FrozenModule`: ``eval()`` forever and ``requires_grad_(False)``. The stages
+save only what trains, so encoders never enter a checkpoint, and their weights always come from the preset:
+the pretrained files, or for ``tiny`` a random init from the preset's own fixed seed (identical in every
+process: stage 1, stage 2, predict, every DDP rank; :meth:`FrozenModule.weights_key` tells weights apart).
 
 Presets:
 
@@ -21,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsv3d_pl.hub import hub_path
+from gsv3d_pl.models.frozen import fingerprint, freeze
 from gsv3d_pl.weights import WeightSpec, require_files, resolve
 
 __all__ = [
@@ -63,58 +61,21 @@ def _check_preset(cls: str, preset: str, path) -> None:
 
 
 class FrozenModule(nn.Module):
-    """Base of the frozen encoders: always in eval mode, no gradients, and absent from checkpoints.
+    """Base of the frozen encoders: always in eval mode and without gradients.
 
-    Mechanism (for the stages): ``state_dict()`` of any parent omits this module's keys (post-hook);
-    ``load_state_dict`` of any parent fills them in from the live weights first (pre-hook), so strict
-    loading of a checkpoint saved without them succeeds and a checkpoint *with* them still loads them.
-    ``parameters()`` still lists them (all with ``requires_grad=False``): optimise
-    ``filter(lambda p: p.requires_grad, ...)`` or only the trainable sub-modules.
+    Their weights never enter a checkpoint: a stage saves only what trains (see
+    :meth:`gsv3d_pl.stages.common.StageBase.state_dict`), and the encoders are rebuilt from the config.
+    :meth:`weights_key` identifies the weights, e.g. for the latent cache and stage 2's check that it uses
+    stage 1's encoders.
     """
-
-    def __init__(self):
-        super().__init__()
-        self._exporting_full_state = False
-        self.register_state_dict_post_hook(FrozenModule._drop_from_state_dict)
-        self.register_load_state_dict_pre_hook(FrozenModule._fill_missing_on_load)
-
-    def freeze(self) -> FrozenModule:
-        self.requires_grad_(False)
-        return self.train(False)
 
     def train(self, mode: bool = True) -> FrozenModule:  # noqa: ARG002 - frozen: always eval
         return super().train(False)
 
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The weights that ``state_dict()`` hides (for export or hashing)."""
-        self._exporting_full_state = True
-        try:
-            return self.state_dict()
-        finally:
-            self._exporting_full_state = False
-
-    @staticmethod
-    def _drop_from_state_dict(module: FrozenModule, state_dict: dict, prefix: str, local_metadata) -> None:
-        if module._exporting_full_state:
-            return
-        for k in [k for k in state_dict if k.startswith(prefix)]:
-            del state_dict[k]
-
-    @staticmethod
-    def _fill_missing_on_load(module: FrozenModule, state_dict: dict, prefix: str, *args) -> None:
-        for k, v in module.full_state_dict().items():
-            state_dict.setdefault(prefix + k, v)
-
     def weights_key(self) -> str:
-        """sha1 (16 hex) of every parameter and buffer, names and config included: a cache key that
-        changes whenever the weights do."""
-        h = hashlib.sha1(type(self).__name__.encode())
-        h.update(repr(self._key_extra()).encode())
-        for name, t in sorted(self.full_state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """:func:`~gsv3d_pl.models.frozen.fingerprint` of the weights and of what else changes the outputs
+        (e.g. the VAE's scaling factor): a cache key that changes whenever they do."""
+        return fingerprint(self, self._key_extra())
 
     def _key_extra(self) -> object:
         return None
@@ -212,7 +173,7 @@ class VAE(FrozenModule):
         self.scaling_factor = float(scaling_factor)
         self.chunk_size = int(chunk_size)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.freeze()
+        freeze(self)
 
     def _key_extra(self) -> object:
         return self.scaling_factor
@@ -342,7 +303,7 @@ class CLIPImageEmbedder(FrozenModule):
         self.embed_dim = int(self.visual.output_dim)
         self.register_buffer("mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
+        freeze(self)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -421,7 +382,7 @@ class DINOEncoder(FrozenModule):
         self.num_tokens = (image_size // 14) ** 2
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
+        freeze(self)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
