@@ -91,6 +91,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     parent = _parent(path)
     name = os.path.basename(path)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp_{name}.")
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
         old = None

@@ -24,16 +24,6 @@ __all__ = ["atomic_output_dir", "write_prediction"]
 _GRID_ROW = 7  # orbit frames per row of the views/renders/depth grids (21 = 3 rows)
 
 
-def _chmod_default(root: Path) -> None:
-    """Give ``root`` and everything in it the permissions a plain mkdir/open would (0777/0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _, filenames in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir``, on any error it is
@@ -48,7 +38,6 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Ite
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     with atomic_dir(out_dir) as tmp:
         yield Path(tmp)
-        _chmod_default(Path(tmp))  # mkdtemp/mkstemp create private (0700/0600) entries; results are ordinary files
 
 
 def _fov_deg(cams) -> float:

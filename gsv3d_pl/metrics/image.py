@@ -28,7 +28,6 @@ absolute values can differ slightly from torchmetrics'.
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from gsv3d_pl.weights import MissingWeightsError, WeightSpec, hf_cache_dir, torch_hub_dir
+from gsv3d_pl.hub import hub_path
+from gsv3d_pl.weights import MissingWeightsError, WeightSpec, torch_hub_dir
 
 __all__ = [
     "MODES",
@@ -77,10 +77,6 @@ def image_metric_weight_specs(
     if mode == "smoke":
         return []
     hub = torch_hub_dir() / "checkpoints"
-    clip_snapshots = sorted(
-        glob.glob(str(hf_cache_dir() / f"models--{CLIP_IQA_HF_REPO.replace('/', '--')}" / "snapshots" / "*" /
-                      "open_clip_pytorch_model.bin"))
-    )
     return [
         WeightSpec(
             name="LPIPS AlexNet backbone (torchvision ImageNet weights)",
@@ -99,9 +95,7 @@ def image_metric_weight_specs(
         WeightSpec(
             name="CLIP-IQA CLIP RN50 (OpenAI weights, open_clip format)",
             config_key=key_prefix + "clip_iqa_path",
-            candidates=[Path(p) for p in clip_snapshots]
-            + [hf_cache_dir() / f"models--{CLIP_IQA_HF_REPO.replace('/', '--')}" / "snapshots" / "<rev>"
-               / "open_clip_pytorch_model.bin"],
+            candidates=[hub_path(CLIP_IQA_HF_REPO, "open_clip_pytorch_model.bin")],  # the refs/main snapshot
             source=f"huggingface-cli download {CLIP_IQA_HF_REPO} open_clip_pytorch_model.bin",
             explicit=clip_iqa_path,
         ),
