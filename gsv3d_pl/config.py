@@ -75,4 +75,9 @@ def instantiate_section(cfg: Any, key: str, base_class: type | None = None) -> A
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base_class, key, required=True)
     sub = parser.parse_object({key: node.as_dict() if isinstance(node, Namespace) else node})
-    return parser.instantiate_classes(sub)[key]
+    try:
+        return parser.instantiate_classes(sub)[key]
+    except ValueError as e:
+        # jsonargparse wraps a constructor's own error (e.g. MissingWeightsError, a bad init_arg) in a union-type
+        # error that repeats the whole config: raise the constructor's, whose message names the key.
+        raise (e.__cause__ or e) from None

@@ -106,10 +106,7 @@ def load_stage(configs: list[str]):
     seed = cfg.get("seed_everything")
     if isinstance(seed, int) and not isinstance(seed, bool):
         seed_everything(seed, workers=True, verbose=False)
-    try:
-        stage = instantiate_section(cfg, "model")
-    except ValueError as e:  # jsonargparse wraps the constructor's own error (e.g. MissingWeightsError) in a
-        raise (e.__cause__ or e) from None  # union-type error whose message repeats the whole config
+    stage = instantiate_section(cfg, "model")
     init = (cfg.get("data") or {}).get("init_args") or {}
     settings = {k: init.get(k) for k in ("resolution", "num_input_views", "eval_input_indices", "radius", "fov_deg")
                 if init.get(k) is not None}
