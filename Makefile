@@ -31,7 +31,7 @@ install: $(STAMP) ## create .venv, install torch (TORCH_SPEC, default torch==2.1
 demo: $(STAMP) ## the main job on the embedded default: toy set -> decoder (stage 1) -> LoRA distill (stage 2), CPU
 	$(VENV)/bin/gsv3d fit --config configs/decoder/tiny.yaml
 	$(VENV)/bin/gsv3d fit --config configs/distill/tiny.yaml
-	@echo "Outputs: runs/decoder_tiny (checkpoints, metrics.csv, images/, heldout_eval.json) and runs/distill_tiny (lora/)"
+	@echo "Outputs: runs/decoder_tiny (checkpoints, csv/version_*/metrics.csv, images/, heldout_eval.json) and runs/distill_tiny (lora/)"
 
 test: $(STAMP) ## run the whole test suite (slow and slurm tests included; gpu tests skip without CUDA)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

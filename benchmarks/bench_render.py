@@ -84,6 +84,7 @@ def bench_cycles(path: str, size: int, views: int, spp: int = 32) -> float | Non
     from mathutils import Matrix
 
     from gsv3d_pl.cameras import opencv_to_opengl, orbit_cameras
+    from gsv3d_pl.orbit import FOV_DEG
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.ops.import_scene.gltf(filepath=path)
@@ -104,7 +105,7 @@ def bench_cycles(path: str, size: int, views: int, spp: int = 32) -> float | Non
     cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))
     sc.collection.objects.link(cam)
     sc.camera = cam
-    cam.data.angle = np.deg2rad(33.8)
+    cam.data.angle = np.deg2rad(FOV_DEG)  # square images: horizontal = vertical FoV
     # glTF import turns +Y-up into Blender's +Z-up: x' = x, y' = -z, z' = y
     yup_to_zup = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
     cams = orbit_cameras(views, 20.0, width=size, height=size)
@@ -124,13 +125,16 @@ def bench_loader(step_ms: float, steps: int) -> None:
     import torch
 
     from datamodules import ObjaverseDataModule
+    from gsv3d_pl.orbit import NUM_FRAMES
 
+    extra = 4
     with tempfile.TemporaryDirectory() as d:
-        dm = ObjaverseDataModule(toy_objects=64, resolution=64, num_extra_views=4, cache_dir=d, num_workers=2,
+        dm = ObjaverseDataModule(toy_objects=64, resolution=64, num_extra_views=extra, cache_dir=d, num_workers=2,
                                  batch_size=4)
         t = time.perf_counter()
         dm.prepare_data()
-        print(f"toy set: 64 objects generated + rendered (25 views at 64²) in {time.perf_counter() - t:.1f} s")
+        print(f"toy set: 64 objects generated + rendered ({NUM_FRAMES + extra} views at 64²) in "
+              f"{time.perf_counter() - t:.1f} s")
         dm.setup("fit")
         it = iter(dm.train_dataloader())
         next(it)  # worker start-up

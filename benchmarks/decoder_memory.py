@@ -24,13 +24,14 @@ import torch
 
 from gsv3d_pl.cameras import orbit_cameras
 from gsv3d_pl.models.gs_decoder import GS_DECODER_PRESETS, GSDecoder
+from gsv3d_pl.orbit import NUM_FRAMES
 
 GiB = 1024**3
 
 
 def _inputs(views: int, latent: int, dino_dim: int, device="cpu"):
-    cams = orbit_cameras(21, width=8 * latent, height=8 * latent)
-    idx = torch.arange(views) % 21
+    cams = orbit_cameras(NUM_FRAMES, width=8 * latent, height=8 * latent)
+    idx = torch.arange(views) % NUM_FRAMES  # more views than the orbit has wrap around it
     z = torch.randn(1, views, 4, latent, latent, device=device)
     dino = torch.randn(1, 256, dino_dim, device=device)
     return z, cams.c2w[idx][None].to(device), cams.K[idx][None].to(device), dino
@@ -84,7 +85,7 @@ def gpu_peak(dec: GSDecoder, views: int, latent: int, ckpt: bool) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--views", type=int, default=21)
+    ap.add_argument("--views", type=int, default=NUM_FRAMES)
     ap.add_argument("--latent", type=int, default=72, help="latent side h = w (72 for 576² images)")
     ap.add_argument("--measure-views", type=int, default=1)
     ap.add_argument("--measure-latent", type=int, default=16)

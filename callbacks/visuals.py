@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from gsv3d_pl.io import atomic_path
-from gsv3d_pl.viz import colorize_depth, render_turntable, save_video
+from gsv3d_pl.viz import colorize_depth, render_turntable, save_image, save_video
 
 __all__ = ["ValidationImages", "make_grid"]
 
@@ -40,13 +39,6 @@ def make_grid(outputs: dict, num_objects: int, max_views: int, pad: int = 2) -> 
         for c in range(nv):
             canvas[:, r * (H + pad): r * (H + pad) + H, c * (W + pad): c * (W + pad) + W] = row[c]
     return (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-
-
-def _save_png_atomic(img: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
 
 
 class ValidationImages(pl.Callback):
@@ -90,7 +82,7 @@ class ValidationImages(pl.Callback):
         self._buf = []
         img = make_grid(cat, self.num_objects, self.max_views)
         path = os.path.join(trainer.default_root_dir, self.dirname, f"{tag}_step{trainer.global_step:07d}.png")
-        _save_png_atomic(img, path)
+        save_image(img, path)  # uint8 [H, W, 3], written atomically
         self.last_path = path
         for lg in trainer.loggers:
             exp = getattr(lg, "experiment", None)

@@ -26,8 +26,33 @@ from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_path", "atomic_dir", "write_text_atomic", "write_json_atomic"]
 
-_UMASK = os.umask(0o022)  # read the process umask (os.umask can only read it by setting it) ...
-os.umask(_UMASK)  # ... and put it back
+
+def _read_umask() -> int:
+    """The process umask. ``os.umask`` can only read it by setting it, and a file another thread creates in
+    between would get the wrong mode, so Linux's ``/proc/self/status`` (``Umask:`` in octal, 4.7+) comes first."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)  # put it back
+    return old
+
+
+_UMASK = _read_umask()
+
+
+def _fsync_file(path: str) -> None:
+    # POSIX fsyncs through a read-only descriptor (the writer may have made the file read-only); Windows'
+    # FlushFileBuffers needs write access.
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _parent(path: str | os.PathLike) -> str:
@@ -38,7 +63,8 @@ def _parent(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+    """Yield a temporary path beside ``path``; on success it is fsynced and replaces ``path``, on error it is
+    removed.
 
     ``suffix`` defaults to ``path``'s own (some writers pick the format from it, e.g. PIL, imageio).
     """
@@ -49,6 +75,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode (callers may chmod again)
     try:
         yield tmp
+        _fsync_file(tmp)  # the data reaches the disk before the rename can: no empty file after a crash
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -62,9 +89,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield f  # closed (flushed) here; atomic_path fsyncs it before the replace
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -27,7 +27,8 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
     Returns the per-object dict (no batch dim): input_indices [N], input_images [N, 3, H, W], input_c2w [N, 4, 4],
     input_K [N, 3, 3], cond_image [3, H, W], target_* [Q, ...], orbit_polars_rad / orbit_azimuths_rad [21], ...
     """
-    from gsv3d_pl.render import rasterize
+    from gsv3d_pl.gaussians import Gaussians
+    from gsv3d_pl.render import render
 
     g = torch.Generator().manual_seed(seed * 100_003 + index)
     M = 64 * num_blobs  # Gaussians per object
@@ -40,13 +41,13 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
     orb = orbit_cameras(NUM_FRAMES, 10.0, DEFAULT_RADIUS, FOV_DEG, resolution, resolution)
     extra = random_cameras(num_extra_views, width=resolution, height=resolution, generator=g)
     cams = Cameras.cat([orb, extra]) if num_extra_views else orb
-    rgb, alpha, depth = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, resolution, resolution,
-                                  backend="auto")  # [Q, H, W, 3|1]
+    rgb, alpha, depth = render(Gaussians(means, quats, scales, opac, colors), cams.c2w, cams.K, resolution, resolution,
+                               backend="auto")  # [Q, 3|1, H, W]
     if train:
         idx = torch.randperm(NUM_FRAMES, generator=g)[:num_input_views].sort().values  # [N]
     else:
         idx = torch.tensor(input_frames(num_input_views))  # [N], the datamodule's evaluation frames
-    images = rgb.movedim(-1, -3).clamp(0, 1).contiguous()  # [Q, 3, H, W]
+    images = rgb.clamp(0, 1).contiguous()  # [Q, 3, H, W]
     return {
         "uid": f"synthetic_{seed}_{index}",
         "mesh_path": "",
@@ -58,8 +59,8 @@ def synthetic_sample(index: int, num_input_views: int = 2, num_extra_views: int 
         "input_K": cams.K[idx],
         "cond_image": images[INPUT_FRAME],
         "target_images": images,
-        "target_alphas": alpha.movedim(-1, -3).contiguous(),
-        "target_depths": (depth * (alpha > 1e-3)).movedim(-1, -3).contiguous(),
+        "target_alphas": alpha.contiguous(),
+        "target_depths": (depth * (alpha > 1e-3)).contiguous(),
         "target_c2w": cams.c2w,
         "target_K": cams.K,
         "orbit_polars_rad": orb.polars_rad,

@@ -34,7 +34,9 @@ def _make_object(i: int, root: Path) -> dict:
     """One fake evaluated object: a GT mesh file (un-normalised) and precomputed 'predicted' renders of
     Gaussians sampled on its surface, with GT images = the prediction plus noise."""
     from gsv3d_pl.cameras import cameras_from_spherical
-    from gsv3d_pl.render import rasterize
+    from gsv3d_pl.gaussians import Gaussians
+    from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
+    from gsv3d_pl.render import render
 
     rng = np.random.default_rng(i)
     mesh = trimesh.creation.box(rng.uniform(0.4, 1.0, size=3))
@@ -51,15 +53,15 @@ def _make_object(i: int, root: Path) -> dict:
     scales = torch.full((NG, 3), 0.03)
     opac = torch.full((NG,), 0.9)
     colors = torch.rand(NG, 3, generator=g)
-    cams = cameras_from_spherical([20.0, -20.0, 40.0], [30.0 + i, 150.0, 270.0], 2.0, 33.8, RES, RES)
-    rgb, alpha, depth = rasterize(means, quats, scales, opac, colors, cams.viewmats, cams.K, RES, RES)
-    pred = rgb.permute(0, 3, 1, 2).contiguous()  # [V, 3, H, W]
+    cams = cameras_from_spherical([20.0, -20.0, 40.0], [30.0 + i, 150.0, 270.0], DEFAULT_RADIUS, FOV_DEG, RES, RES)
+    rgb, alpha, depth = render(Gaussians(means, quats, scales, opac, colors), cams.c2w, cams.K, RES, RES)
+    pred = rgb.contiguous()  # [V, 3, H, W]
     gt = (pred + 0.05 * torch.randn(pred.shape, generator=g)).clamp(0, 1)
     return {
         "uid": f"obj{i}", "mesh_path": str(path),
         "norm_center": torch.tensor(offset, dtype=torch.float32), "norm_scale": torch.tensor(scale, dtype=torch.float32),
         "pred_images": pred, "gt_images": gt,
-        "pred_alphas": alpha.permute(0, 3, 1, 2).contiguous(), "pred_depths": depth.permute(0, 3, 1, 2).contiguous(),
+        "pred_alphas": alpha.contiguous(), "pred_depths": depth.contiguous(),
         "eval_c2w": cams.c2w, "eval_K": cams.K,
         "g_means": means, "g_quats": quats, "g_scales": scales, "g_opac": opac, "g_colors": colors,
     }

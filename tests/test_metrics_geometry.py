@@ -21,6 +21,7 @@ from gsv3d_pl.metrics.geometry import (
     volume_iou,
     winding_numbers,
 )
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
 
 
 def _brute_nn(p, q):
@@ -117,7 +118,7 @@ def test_gaussian_density_matches_dense_evaluation():
 def test_depth_to_points_inverts_projection():
     from gsv3d_pl.cameras import cameras_from_spherical
 
-    cams = cameras_from_spherical([10.0], [30.0], 2.0, 33.8, 8, 6)
+    cams = cameras_from_spherical([10.0], [30.0], DEFAULT_RADIUS, FOV_DEG, 8, 6)
     depth = torch.full((1, 6, 8), 1.7)
     alpha = torch.ones(1, 6, 8)
     alpha[0, 0, 0] = 0.2  # excluded
@@ -143,7 +144,7 @@ def test_geometry_of_gaussians_on_mesh_surface(tmp_path):
     """Gaussians sampled on a mesh, rendered, evaluated against that mesh: near-perfect scores."""
     from gsv3d_pl.cameras import cameras_from_spherical
     from gsv3d_pl.gaussians import Gaussians
-    from gsv3d_pl.render import rasterize
+    from gsv3d_pl.render import render
 
     mesh = trimesh.creation.capsule(height=0.6, radius=0.3, count=[12, 12])
     mesh.apply_transform(trimesh.transformations.rotation_matrix(0.6, [1, 1, 0]))
@@ -158,10 +159,11 @@ def test_geometry_of_gaussians_on_mesh_surface(tmp_path):
     np.testing.assert_allclose(gt.vertices, (mesh.vertices - center) * scale, atol=1e-5)
     assert np.abs(gt.bounds).max() == pytest.approx(0.5, abs=1e-5)
     means, quats, scales, opac = _surface_gaussians(gt, 2500, seed=1)
-    cams = cameras_from_spherical([25, -25, 25, -25, 60, -60], [0, 90, 180, 270, 45, 225], 2.0, 33.8, 40, 40)
-    _, alpha, depth = rasterize(means, quats, scales, opac, torch.rand(len(means), 3), cams.viewmats, cams.K, 40, 40)
+    cams = cameras_from_spherical([25, -25, 25, -25, 60, -60], [0, 90, 180, 270, 45, 225], DEFAULT_RADIUS, FOV_DEG,
+                                  40, 40)
     g = Gaussians(means, quats, scales, opac, torch.rand(len(means), 3))
-    res = evaluate_geometry(depth[..., 0], alpha[..., 0], cams.c2w, cams.K, g, gt, num_gt_points=20000)
+    _, alpha, depth = render(g, cams.c2w, cams.K, 40, 40)  # [V, 1, H, W] each
+    res = evaluate_geometry(depth[:, 0], alpha[:, 0], cams.c2w, cams.K, g, gt, num_gt_points=20000)
     assert res["chamfer"] < 0.02, res
     assert res["fscore"] > 0.9, res
     assert res["iou"] > 0.8, res

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, NUM_FRAMES, input_frames, orbit_angles
+from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, INPUT_FRAME, NUM_FRAMES, input_frames, orbit_angles
 
 __all__ = ["Prediction", "ImageTo3D"]
 
@@ -112,7 +112,7 @@ class ImageTo3D:
         Args:
             image: [3, H, W] in [0, 1], object centred on the background
                 (:func:`~gsv3d_pl.inference.preprocess.preprocess_image`); H = W = the model's resolution (a
-                multiple of 8).
+                multiple of the VAE's ``downsample``, 8).
             alpha: [1, H, W] foreground mask (kept in the result only).
             elevation_deg: camera elevation of the input view (SV3D polar = 90° − elevation).
             seed: sampling seed (the result is deterministic for a seed on a given device).
@@ -125,8 +125,9 @@ class ImageTo3D:
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
         S = image.shape[-1]
-        if image.shape[-2] != S or S % 8:
-            raise ValueError(f"image must be square with a side divisible by 8 (VAE latents), got {tuple(image.shape)}")
+        f = int(self.vae.downsample)  # the VAE's spatial factor (8): latents are S/f on a side
+        if image.shape[-2] != S or S % f:
+            raise ValueError(f"image must be square with a side divisible by {f} (VAE latents), got {tuple(image.shape)}")
         dev = self.device
         img = image.to(dev, torch.float32)[None]  # [1, 3, H, W]
         g = torch.Generator(device=dev).manual_seed(int(seed))
@@ -139,11 +140,11 @@ class ImageTo3D:
                                    num_steps=num_steps or self.num_steps, generator=g, progress=progress)
         lat = lat.float()  # [1, 21, 4, h, w]
         if self.replace_input_frame:
-            lat[:, -1] = self.vae.encode(img).float()
+            lat[:, INPUT_FRAME] = self.vae.encode(img).float()
         frames = torch.cat([self.vae.decode(c).float() for c in lat[0].split(self.decode_chunk)])  # [21, 3, H, W]
         frames = frames.clamp(0.0, 1.0)
         if self.replace_input_frame:
-            frames[-1] = img[0]
+            frames[INPUT_FRAME] = img[0]
         cams = orbit_cameras(NUM_FRAMES, float(elevation_deg), self.radius, self.fov_deg, S, S).to(dev)
         idx = torch.tensor(self.input_indices, device=dev, dtype=torch.long)  # [N]
         dino = None if self.dino is None else self.dino(img).float()  # [1, T, C]

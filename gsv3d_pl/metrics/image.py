@@ -117,7 +117,9 @@ class SmokeFeatureNet(nn.Module):
         for conv in self.convs:  # explicit seeded init: the features must not depend on the global RNG
             nn.init.normal_(conv.weight, std=(2.0 / (conv.in_channels * 9)) ** 0.5, generator=g)
             nn.init.zeros_(conv.bias)
-        self.requires_grad_(False)
+        from gsv3d_pl.models.frozen import freeze  # here: importing gsv3d_pl.models costs seconds
+
+        freeze(self)  # convs only, so eval() changes nothing but the flag
 
     def forward(self, x: Tensor) -> Tensor:
         x = 2 * x - 1
@@ -154,7 +156,9 @@ class CLIPIQA(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, prompts: tuple[str, str] = ("Good photo.", "Bad photo.")):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        from gsv3d_pl.models.frozen import freeze  # here: importing gsv3d_pl.models costs seconds
+
+        self.model = freeze(model)
         size = getattr(model.visual, "image_size", 224)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)

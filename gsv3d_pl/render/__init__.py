@@ -28,14 +28,14 @@ All three agree to float32 precision, with gsplat's default semantics (also in `
 
 Modules: :mod:`.projection` (quaternions, covariances, EWA, the constants), :mod:`.inputs` (the flattened
 inputs the backends take), :mod:`.param_table` (the table both CPU compositors read), :mod:`.threads`
-(CPU threading), :mod:`.rasterizer` (the switch), :mod:`.render` (the helper).
+(CPU threading), :mod:`.rasterizer` (the switch), :mod:`.multiview` (the helper).
 """
 
 from __future__ import annotations
 
+from gsv3d_pl.render.multiview import Renders, render
 from gsv3d_pl.render.projection import project_gaussians, quat_to_rotmat
 from gsv3d_pl.render.rasterizer import BACKENDS, Backend, rasterize, rasterize_gaussians, resolve_backend
-from gsv3d_pl.render.render import Renders, render
 
 __all__ = [
     "render", "Renders", "rasterize", "rasterize_gaussians", "resolve_backend", "project_gaussians",

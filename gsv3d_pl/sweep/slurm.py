@@ -10,14 +10,13 @@ script uses absolute paths.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from gsv3d_pl.io import atomic_path
+from gsv3d_pl.io import atomic_path, write_json_atomic, write_text_atomic
 from gsv3d_pl.sweep.expand import Task, expand_tasks
 from gsv3d_pl.sweep.spec import MANIFEST, Sweep, SweepError
 
@@ -129,12 +128,12 @@ def render_sbatch(
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Atomic write with a file mode: the script must be executable, and the cluster's other readers (the job,
-    ``gsv3d report`` under another account) need read access, which a temporary file does not grant."""
+def _write_script(path: Path, text: str) -> None:
+    """Atomic write of an executable script: :func:`~gsv3d_pl.io.atomic_path` gives new files the usual mode
+    (0666 & ~umask, readable by the cluster's other readers), which lacks the execute bits sbatch needs."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, mode)
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o755)
 
 
 def write_sweep(
@@ -153,10 +152,10 @@ def write_sweep(
     tasks = expand_tasks(sweep, out_dir, rerooted)
     script = render_sbatch(sweep, tasks, out_dir, workdir)
     (out_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "sweep.sbatch", script, 0o755)
+    _write_script(out_dir / "sweep.sbatch", script)
     rows = ["# index\trun\tseed\trun_dir\tgsv3d fit arguments"]
     rows += [f"{t.index}\t{t.run}\t{t.seed}\t{t.run_dir}\t{shlex.join(t.args)}" for t in tasks]
-    _write_text(out_dir / "tasks.txt", "\n".join(rows) + "\n")
+    write_text_atomic(out_dir / "tasks.txt", "\n".join(rows) + "\n")
     manifest = {
         "name": sweep.name,
         "sweep_file": str(sweep.path),
@@ -164,7 +163,7 @@ def write_sweep(
         "runs": [{"name": r.name, "label": r.label} for r in sweep.runs],
         "tasks": [{"index": t.index, "run": t.run, "seed": t.seed, "run_dir": str(t.run_dir)} for t in tasks],
     }
-    _write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(out_dir / MANIFEST, manifest)  # indent 2 + a final newline
     return out_dir / "sweep.sbatch", out_dir / "tasks.txt", tasks
 
 
