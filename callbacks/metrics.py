@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from gsv3d_pl.batch import BatchError, check_novel_views
 from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
@@ -79,10 +80,11 @@ def _config_paths() -> str | None:
 
 
 def _check_outputs(outputs: Any, who: str) -> dict:
-    if not isinstance(outputs, dict) or any(k not in outputs for k in _REQUIRED_OUT):
-        have = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+    try:  # keys and shapes (B, V, H, W agree across keys), named in the message
+        check_novel_views(outputs, required=_REQUIRED_OUT)
+    except BatchError as e:
         raise KeyError(f"{who}: test_step/validation_step must return the novel-view result "
-                       f"(gsv3d_pl.batch.NOVEL_VIEW_KEYS) with keys {list(_REQUIRED_OUT)}; got {have}")
+                       f"(gsv3d_pl.batch.NOVEL_VIEW_KEYS) with keys {list(_REQUIRED_OUT)}: {e}") from None
     return outputs
 
 

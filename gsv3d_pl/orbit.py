@@ -8,8 +8,8 @@
   objects normalised into the unit cube.
 - SV3D's camera inputs are ``polar = radians(90 - elevation)`` and the azimuth in radians.
 
-:func:`input_frames` is the one rule for "N evenly spaced input frames, ending at the input view", used by the
-datamodule's evaluation frames, the distill stage and inference alike.
+:func:`input_frames` is the one rule for "N evenly spaced input frames, ending at the input view": the
+datamodule's evaluation frames and inference's default decoder frames.
 """
 
 from __future__ import annotations

@@ -142,6 +142,22 @@ def test_checkpoint_rule_trainable_parameters_and_their_modules_buffers():
     assert stage.decoder.stats.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_first_batch_is_checked_against_the_batch_keys():
+    stage = make_stage()
+    b = batch_of(1)
+    stage.on_train_batch_start(b, 0)  # a good batch passes
+    del b["input_K"]
+    with pytest.raises(KeyError, match=r"missing key\(s\) \['input_K'\]"):
+        stage.on_train_batch_start(b, 0)
+    stage.on_train_batch_start(b, 1)  # only the first batch of a loop is checked
+
+
+def test_vae_factor_must_match_the_vae():
+    dec = GSDecoder.from_preset("tiny", dim=32, head_channels=16, dino_dim=None, vae_factor=4)
+    with pytest.raises(ValueError, match="vae_factor=4 but the VAE downsamples by 8"):
+        DecoderStage(vae=VAE("tiny"), dino=None, decoder=dec)
+
+
 def test_decoder_must_record_its_init_args():
     """Stage 2 rebuilds the decoder from the checkpoint, so a decoder without a config is refused at start."""
 

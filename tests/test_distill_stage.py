@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
+from gsv3d_pl.models import GS_DECODER_PRESETS, SV3D, VAE, CLIPImageEmbedder, DINOEncoder, GSDecoder
 from gsv3d_pl.models.frozen import fingerprint
 from gsv3d_pl.stages.decoder_stage import DecoderStage
 from gsv3d_pl.stages.distill_stage import DistillStage
@@ -154,6 +154,41 @@ def test_missing_or_mismatched_decoder_checkpoint_fails_at_start(decoder_ckpt, t
                      decoder_ckpt=decoder_ckpt)
     with pytest.raises(ValueError, match="dino_dim=64"):  # 'w/o DINO' in stage 2 needs a stage 1 without DINO too
         DistillStage(vae=vae, dino=None, clip=CLIPImageEmbedder("tiny"), sv3d=SV3D("tiny"), decoder_ckpt=decoder_ckpt)
+
+
+def test_lora_checkpoint_is_tied_to_its_decoder(decoder_ckpt, tmp_path):
+    """A distill checkpoint refuses a stage-1 checkpoint whose decoder changed since (stage 1 resumed, retrained)."""
+    stage = make_distill(decoder_ckpt)
+    ck = {"state_dict": stage.state_dict()}
+    stage.on_save_checkpoint(ck)
+    assert ck["gsv3d"]["decoder"]["class_path"].endswith("GSDecoder")
+    torch.manual_seed(7)
+    retrained = save_stage1_checkpoint(tmp_path / "retrained.ckpt", GSDecoder.from_preset("tiny", **DEC_KW))
+    with pytest.raises(ValueError, match="another decoder"):
+        make_distill(retrained).on_load_checkpoint(ck)
+    make_distill(decoder_ckpt).on_load_checkpoint(ck)  # the same decoder: fine
+
+
+class PartlyFrozenDecoder(GSDecoder):
+    """A decoder that freezes a part of itself (as one would a pretrained backbone it loads)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.patch_embed.requires_grad_(False)
+
+
+def test_frozen_decoder_parameters_come_from_the_rebuilt_decoder(tmp_path):
+    """A decoder's own frozen parameters are not in the stage-1 checkpoint; the hand-off still rebuilds it."""
+    torch.manual_seed(0)
+    dec = PartlyFrozenDecoder(**{**GS_DECODER_PRESETS["tiny"], **DEC_KW})
+    path = save_stage1_checkpoint(tmp_path / "partly_frozen.ckpt", dec)
+    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert "decoder.patch_embed.weight" not in saved and "decoder.head.weight" in saved
+    from gsv3d_pl.stages.handoff import load_decoder
+
+    rebuilt, _ = load_decoder(path)
+    assert type(rebuilt) is PartlyFrozenDecoder
+    torch.testing.assert_close(rebuilt.head.weight, dec.head.weight)
 
 
 def test_distill_builds_the_decoder_of_the_checkpoint(tmp_path):

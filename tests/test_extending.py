@@ -47,6 +47,18 @@ def test_a_decoder_that_is_not_a_gsdecoder_trains_and_hands_off(tmp_path, monkey
                                "init_args": {"latent_channels": 4, "hidden": 32, "vae_factor": 8, "near": 1.1,
                                              "far": 2.9, "dino_dim": None}}
 
+    # stage 2 through the CLI, as the guide says: the unchanged distill config builds a PixelDecoder
+    res = subprocess.run(
+        [sys.executable, "-m", "gsv3d_pl", "fit", "--config", "configs/distill/tiny.yaml",
+         "--model.init_args.dino=null", f"--model.init_args.decoder_ckpt={ckpt}",
+         "--trainer.default_root_dir", str(tmp_path / "run2"), "--trainer.max_steps=1",
+         "--trainer.limit_val_batches=0", "--data.init_args.toy_objects=6", f"--data.init_args.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    meta2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["gsv3d"]
+    assert meta2["stage"] == "distill" and meta2["decoder"]["class_path"] == "my_decoder.PixelDecoder"
+
     monkeypatch.syspath_prepend(str(tmp_path))
     from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder
     from gsv3d_pl.stages.distill_stage import DistillStage

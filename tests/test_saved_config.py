@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +34,13 @@ def test_saved_configs_work_with_test_and_predict(tmp_path):
     data = ["--data.init_args.toy_objects=8", f"--data.init_args.cache_dir={tmp_path / 'cache'}"]
     short = ["--trainer.limit_val_batches=0", "--trainer.max_steps=1"]
     dec, dist = tmp_path / "decoder", tmp_path / "distill"
+    # stage 1 with another width than the shipped config's (64): stage 2's unchanged config builds it
     gsv3d("fit", "--config", "configs/decoder/tiny.yaml", f"--trainer.default_root_dir={dec}", *short, *data,
-          "--model.init_args.heldout_eval=false")
+          "--model.init_args.heldout_eval=false", "--model.init_args.decoder.init_args.dim=48")
     gsv3d("fit", "--config", "configs/distill/tiny.yaml", f"--trainer.default_root_dir={dist}", *short, *data,
           f"--model.init_args.decoder_ckpt={dec / 'checkpoints' / 'last.ckpt'}", "--model.init_args.val_sample_steps=2")
+    meta = torch.load(dist / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["gsv3d"]
+    assert meta["decoder"]["init_args"]["dim"] == 48 and meta["decoder"]["class_path"].endswith("GSDecoder")
 
     # `gsv3d test` with each run's saved config (it holds ckpt_path: null, which the test parser accepts)
     for run in (dec, dist):

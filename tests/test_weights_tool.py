@@ -109,6 +109,7 @@ def test_paper_scale_distill_config_lists_every_model_file(tmp_path, monkeypatch
         assert rows[f"model.init_args.{key}.init_args.path"]
     unet = rows["model.init_args.sv3d.init_args.unet_path"]
     assert str(snap / "unet") in unet and unet.rstrip().endswith("found")
+    assert "runs/decoder_objaverse/checkpoints/last.ckpt" in rows["model.init_args.decoder_ckpt"]  # stage 1's output
 
 
 def test_hub_path_follows_refs_main(fake_hf_cache):

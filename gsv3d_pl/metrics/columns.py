@@ -16,7 +16,9 @@ __all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "METRIC_KEYS", "PER_IMAGE_KE
 
 # What computes a column: the mean of a per-image score over all (object, view) images; a statistic of the whole
 # set of views (feature distributions); or the mean of a per-object geometry score.
-PER_IMAGE, SET, GEOMETRY = "per_image", "set", "geometry"
+# A column of a metric that a callback of its own computes (docs/extending.md) is "external": the built-in
+# callbacks compute exactly the per_image / set / geometry columns and leave it alone.
+PER_IMAGE, SET, GEOMETRY, EXTERNAL = "per_image", "set", "geometry", "external"
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Column:
         name: the paper's column name, without the arrow.
         decimals: digits after the point in tables.
         higher_is_better: the arrow: ↑ when True, ↓ when False.
-        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` (see above).
+        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` | ``"external"`` (see above).
         thresholded: the header names the threshold it was computed at (F-Score@τ).
     """
 

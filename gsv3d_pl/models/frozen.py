@@ -50,7 +50,7 @@ def fingerprint(module: nn.Module | None, extra: object = None) -> str | None:
             t = t.detach()
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             if t.numel():
-                d = t.double()
+                d = t.cpu().double()  # on the CPU: CUDA and CPU reductions differ in the last bits
                 stats = torch.stack([d.sum(), d.square().sum(), *d.flatten()[:4]]).cpu()  # [<= 6]
                 h.update(stats.numpy().round(6).tobytes())
     return h.hexdigest()[:16]

@@ -11,12 +11,24 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from gsv3d_pl.batch import check_batch
 from gsv3d_pl.models.frozen import is_frozen
 from gsv3d_pl.stages.losses import NonFiniteLossError, check_finite
 
-__all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "check_dino"]
+__all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "check_dino",
+           "check_vae_factor"]
 
 log = logging.getLogger(__name__)
+
+
+def check_vae_factor(vae: nn.Module, decoder: nn.Module, decoder_source: str) -> None:
+    """A decoder that places rays at ``vae_factor`` image pixels per latent pixel must get that VAE's latents."""
+    # an attribute, else the recorded config (getattr would reach diffusers' deprecated config-attribute lookup)
+    want = vars(decoder).get("vae_factor", dict(getattr(decoder, "config", None) or {}).get("vae_factor"))
+    have = getattr(vae, "downsample", None)
+    if want is not None and have is not None and int(want) != int(have):
+        raise ValueError(f"the decoder ({decoder_source}) has vae_factor={want} but the VAE downsamples by {have} "
+                         "(model.init_args.vae): its rays and intrinsics would not match the latents")
 
 
 def check_dino(dino: nn.Module | None, decoder: nn.Module, decoder_source: str) -> None:
@@ -140,6 +152,24 @@ class StageBase(pl.LightningModule):
             if is_frozen(child):
                 child.eval()
         return self
+
+    # ---- the batch -------------------------------------------------------------------------------------
+    #: Keys of :data:`gsv3d_pl.batch.BATCH_KEYS` the stage reads; the first batch of each loop is checked against
+    #: them, so a datamodule with a missing key or a wrong shape fails with the key's name, not deep in a loss.
+    batch_keys: tuple[str, ...] = ()
+
+    def _check_first_batch(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0:
+            check_batch(batch, required=self.batch_keys)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._check_first_batch(batch, batch_idx)
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(batch, batch_idx)
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(batch, batch_idx)
 
     # ---- optimisation ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -18,7 +18,14 @@ from gsv3d_pl.batch import MultiViewBatch, NovelViews
 from gsv3d_pl.io import write_json_atomic
 from gsv3d_pl.models import VAE, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
-from gsv3d_pl.stages.common import StageBase, check_dino, gather_views, novel_view_indices, sample_view_subset
+from gsv3d_pl.stages.common import (
+    StageBase,
+    check_dino,
+    check_vae_factor,
+    gather_views,
+    novel_view_indices,
+    sample_view_subset,
+)
 from gsv3d_pl.stages.handoff import decoder_record
 from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
@@ -83,6 +90,9 @@ class DecoderStage(StageBase):
 
     weight_specs = staticmethod(lpips_weight_specs)  # the external files `gsv3d weights` lists for this stage
 
+    batch_keys = ("input_indices", "input_images", "input_c2w", "input_K", "cond_image", "target_images",
+                  "target_alphas", "target_depths", "target_c2w", "target_K")
+
     def __init__(
         self,
         vae: VAE,
@@ -112,6 +122,7 @@ class DecoderStage(StageBase):
         self.vae = freeze(vae)
         self.dino = freeze(dino)
         check_dino(dino, decoder, "model.init_args.decoder.init_args.dino_dim")
+        check_vae_factor(vae, decoder, "model.init_args.decoder.init_args.vae_factor")
         self._decoder_record = decoder_record(decoder)  # fails here, at start, for a decoder stage 2 could not rebuild
         self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on)
         self.lpips = freeze(_LPIPS()) if lambda_lpips > 0 else None
@@ -171,9 +182,9 @@ class DecoderStage(StageBase):
         )
         self._check_loss({k: v.mean() for k, v in terms.items()} | {"total": loss.detach()})
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
-        for k in ("rgb", "depth", "lpips"):
-            if k in terms:
-                self.log(f"train/{k}", terms[k].mean(), batch_size=B)
+        for k, v in terms.items():  # every term of L_3D (rgb, depth, lpips, any new one), per-object means
+            if k != "l3d":
+                self.log(f"train/{k}", v.mean(), batch_size=B)
         self.log("train/psnr", -10 * torch.log10(terms["rgb"].mean().clamp_min(1e-10)), prog_bar=True, batch_size=B)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else self.lr, batch_size=B)
         return loss

@@ -24,10 +24,18 @@ from gsv3d_pl.io import atomic_dir
 from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
 from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
-from gsv3d_pl.stages.common import StageBase, check_dino, gather_views, novel_view_indices, sample_view_subset
+from gsv3d_pl.stages.common import (
+    StageBase,
+    check_dino,
+    check_vae_factor,
+    gather_views,
+    novel_view_indices,
+    sample_view_subset,
+)
 from gsv3d_pl.stages.handoff import DECODER_CKPT_KEY, load_decoder
 from gsv3d_pl.stages.heldout import per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
+from gsv3d_pl.weights import WeightSpec
 
 __all__ = ["DistillStage"]
 
@@ -53,6 +61,9 @@ class DistillStage(StageBase):
         val_sample_steps: Euler-EDM steps of the validation sampler (generated orbit -> decoder -> novel views).
         render_chunk_views, views_per_step, background, render_backend, use_latent_cache: as in DecoderStage.
     """
+
+    batch_keys = ("input_indices", "input_images", "cond_image", "target_images", "target_alphas",
+                  "target_depths", "target_c2w", "target_K", "orbit_polars_rad", "orbit_azimuths_rad")
 
     def __init__(
         self,
@@ -95,11 +106,13 @@ class DistillStage(StageBase):
         decoder, meta = load_decoder(decoder_ckpt)  # fails here, at start, if missing or unreadable
         self.decoder = freeze(decoder)
         check_dino(dino, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
+        check_vae_factor(vae, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         self._check_encoders(meta)
+        self._decoder_record = meta.get("decoder")
+        self._decoder_fp = fingerprint(decoder)  # the LoRA of a checkpoint is tied to this decoder
 
         self.sv3d = sv3d
         self._unet_base_fp = fingerprint(sv3d.unet)  # the (unsaved) base UNet a checkpoint must match
-        sv3d.requires_grad_(False)
         n_lora = sv3d.add_lora(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                target_modules=tuple(lora_targets))
         trainable = [n for n, p in self.named_parameters() if p.requires_grad]
@@ -142,15 +155,32 @@ class DistillStage(StageBase):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["gsv3d"] = {"stage": "distill", "unet_base_fingerprint": self._unet_base_fp,
-                               "decoder_ckpt": self.decoder_ckpt, "num_lora_params": self.num_lora_params}
+                               "decoder_ckpt": self.decoder_ckpt, "decoder": self._decoder_record,
+                               "decoder_fingerprint": self._decoder_fp, "num_lora_params": self.num_lora_params}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        fp = checkpoint.get("gsv3d", {}).get("unet_base_fingerprint")
+        meta = checkpoint.get("gsv3d", {})
+        fp = meta.get("unet_base_fingerprint")
         if fp is not None and fp != self._unet_base_fp:
             raise ValueError(
                 "this DistillStage checkpoint holds LoRA weights for another base UNet (fingerprint "
                 f"{fp} vs {self._unet_base_fp}); use the same model.init_args.sv3d (and seed for 'tiny') as its run"
             )
+        fp = meta.get("decoder_fingerprint")
+        if fp is not None and fp != self._decoder_fp:
+            raise ValueError(
+                f"this DistillStage checkpoint's LoRA was distilled through another decoder than {DECODER_CKPT_KEY} "
+                f"{self.decoder_ckpt!r} holds now (it was {meta.get('decoder_ckpt')!r}; was stage 1 retrained or "
+                "resumed since?); point the key at the stage-1 checkpoint of that run"
+            )
+
+    @staticmethod
+    def weight_specs(init_args: dict, key_prefix: str = "model") -> list[WeightSpec]:
+        """The stage-1 checkpoint is an external file of this config too (``gsv3d weights`` lists it)."""
+        path = init_args.get("decoder_ckpt")
+        return [WeightSpec(name="stage-1 DecoderStage checkpoint (the frozen decoder)",
+                           config_key=f"{key_prefix}.init_args.decoder_ckpt", explicit=path or "<unset>",
+                           source="train stage 1, e.g. `gsv3d fit --config configs/decoder/tiny.yaml`")]
 
     def on_fit_start(self) -> None:
         for lg in self.loggers:
@@ -228,7 +258,8 @@ class DistillStage(StageBase):
                 chunk=self.render_chunk_views,
             )
             loss = loss + self.lambda_3d * l3d
-            terms.update({"l3d": l3d.detach(), "rgb": t3["rgb"].mean(), "depth": t3["depth"].mean()})
+            terms.update({k: v.mean() for k, v in t3.items()})  # rgb, depth, any new term of L_3D
+            terms["l3d"] = l3d.detach()
         terms["loss"] = loss.detach()
         return loss, terms
 
@@ -237,9 +268,9 @@ class DistillStage(StageBase):
         self._check_loss(terms)
         B = batch["target_images"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=B)
-        for k in ("l2d", "l3d", "rgb", "depth", "l3d_fraction"):
-            if k in terms:
-                self.log(f"train/{k}", terms[k], batch_size=B, prog_bar=k in ("l2d", "l3d"))
+        for k, v in terms.items():
+            if k != "loss":
+                self.log(f"train/{k}", v, batch_size=B, prog_bar=k in ("l2d", "l3d"))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
         return loss
 
@@ -258,7 +289,10 @@ class DistillStage(StageBase):
         """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views (keys: :data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`)."""
         c = self.conditioning(batch)
         lat = self.generate_orbit(batch, c, seed)  # [B, 21, 4, h, w]
-        idx = batch["input_indices"].long().clamp_max(INPUT_FRAME)  # val/test: the datamodule's fixed frames
+        idx = batch["input_indices"].long()  # val/test: the datamodule's fixed frames
+        if (idx > INPUT_FRAME).any():
+            raise ValueError(f"input_indices must index orbit frames (<= {INPUT_FRAME}) for the distill stage, got "
+                             f"{idx.tolist()}: the decoder reads generated orbit frames")
         gaussians = self.decode_frames(lat, idx, batch, c["dino"])
         novel = novel_view_indices(batch["input_indices"], batch["target_images"].shape[1])  # [B, V]
         c2w, K = gather_views(batch["target_c2w"].float(), novel), gather_views(batch["target_K"].float(), novel)

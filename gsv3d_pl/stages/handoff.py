@@ -98,9 +98,15 @@ def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if not weights:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
     decoder = build_decoder(record, repr(path))
+    # A checkpoint holds what trained: a decoder's frozen parameters (e.g. a pretrained backbone it loads itself)
+    # are not in it, and come from the rebuilt decoder.
+    frozen = {n for n, p in decoder.named_parameters() if not p.requires_grad}
     try:
-        decoder.load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatches: torch lists them all
+        missing, unexpected = decoder.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists them all
+        missing, unexpected = [str(e)[:1500]], []
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r}: the weights do not fit the decoder it records "
-                         f"({record['class_path']}): {str(e)[:1500]}") from None
+                         f"({record['class_path']}): missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
     return decoder.eval(), meta
