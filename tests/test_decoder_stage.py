@@ -248,6 +248,17 @@ def test_fit_validates_and_writes_heldout_eval(tmp_path):
                      for b in [collate([x]) for x in dm.ds["test"].items]])
     expect = per_image_psnr(mean.expand_as(gts), gts).mean()
     assert res["baseline_psnr"] == pytest.approx(float(expect), abs=1e-3)
+    # nearest input view: for each novel view, the input view whose camera axis is nearest, by brute force
+    near = []
+    for x in dm.ds["test"].items:
+        nov = novel_view_indices(x["input_indices"][None], 23)[0]
+        fwd = x["target_c2w"][:, :3, 2]  # [Q, 3]
+        for q in nov.tolist():
+            best = max(x["input_indices"].tolist(), key=lambda i: float(fwd[i] @ fwd[q]))
+            near.append(per_image_psnr(x["target_images"][best][None], x["target_images"][q][None]))
+    assert res["nearest_input_psnr"] == pytest.approx(float(torch.cat(near).mean()), abs=1e-3)
+    assert res["gain_over_nearest_input_db"] == pytest.approx(res["psnr"] - res["nearest_input_psnr"])
+    assert 0 < res["nearest_input_ssim"] <= 1
     assert math.isfinite(res["psnr"]) and 0 < res["ssim"] <= 1
 
 

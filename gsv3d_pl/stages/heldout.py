@@ -7,9 +7,14 @@ Protocol (one number per quantity, written to ``<run>/heldout_eval.json``):
 - PSNR: per image (3 x H x W, data range 1), then averaged over all (object, view) images; the same
   convention as torchmetrics' ``PeakSignalNoiseRatio(dim=(1, 2, 3))``.
 - SSIM: torchmetrics' ``structural_similarity_index_measure(data_range=1.0)`` per image, averaged.
-- Baseline: one image, the per-pixel mean of every target view of every **training** object
-  (at most ``baseline_max_objects``), scored as the prediction for every held-out novel view with the
-  same PSNR/SSIM. A decoder that learned nothing object-specific scores about this.
+- Baselines, scored on the same objects and views with the same PSNR/SSIM:
+
+  - **nearest input view** (the strongest trivial one): each novel view is predicted by the object's input
+    view whose camera looks in the nearest direction (largest cosine between the cameras' +Z axes). It
+    needs no 3D at all; a decoder that does not beat it has not learned to reconstruct.
+  - **mean training image**: one image, the per-pixel mean of every target view of every **training**
+    object (at most ``baseline_max_objects``). A decoder that learned nothing object-specific scores about
+    this.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["per_image_psnr", "per_image_ssim", "mean_training_image", "heldout_evaluation"]
+from gsv3d_pl.stages.common import gather_views
+
+__all__ = ["per_image_psnr", "per_image_ssim", "mean_training_image", "nearest_input_views", "heldout_evaluation"]
 
 
 def per_image_psnr(pred: Tensor, gt: Tensor) -> Tensor:
@@ -60,37 +68,55 @@ def mean_training_image(loader, max_objects: int | None = None) -> tuple[Tensor,
     return (acc / count).float(), objects
 
 
+def nearest_input_views(input_images: Tensor, input_c2w: Tensor, eval_c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """The input view whose camera looks in the nearest direction, for each evaluated view.
+
+    Args:
+        input_images: [B, N, 3, H, W]; input_c2w: [B, N, 4, 4]; eval_c2w: [B, V, 4, 4] (OpenCV: +Z forward).
+    Returns:
+        images [B, V, 3, H, W] and the chosen input index per view [B, V].
+    """
+    fwd_in = F.normalize(input_c2w[..., :3, 2].float(), dim=-1)  # [B, N, 3] viewing directions
+    fwd_ev = F.normalize(eval_c2w[..., :3, 2].float(), dim=-1)  # [B, V, 3]
+    idx = torch.einsum("bvc,bnc->bvn", fwd_ev, fwd_in).argmax(dim=-1)  # [B, V]
+    return gather_views(input_images, idx), idx
+
+
 @torch.no_grad()
 def heldout_evaluation(
-    predict_novel: Callable[[dict], tuple[Tensor, Tensor]],
+    evaluate: Callable[[dict], dict],
     test_loader,
     train_loader,
     device: torch.device,
     max_objects: int | None = None,
     baseline_max_objects: int | None = None,
 ) -> dict:
-    """Score ``predict_novel`` on held-out objects against the mean-training-image baseline.
+    """Score ``evaluate`` on held-out objects against the nearest-input-view and mean-training-image baselines.
 
     Args:
-        predict_novel: multi-view batch (on ``device``) -> (pred [B, V, 3, H, W], gt [B, V, 3, H, W]) for the
-            novel (non-input) views.
+        evaluate: multi-view batch (on ``device``) -> the novel-view result (``gsv3d_pl.batch.NOVEL_VIEW_KEYS``:
+            ``pred_images``, ``gt_images`` [B, V, 3, H, W], ``input_images`` [B, N, 3, H, W], ``eval_c2w``
+            [B, V, 4, 4]); the batch gives ``input_c2w`` [B, N, 4, 4].
         test_loader / train_loader: dataloaders of the test split and of the training split.
     Returns:
-        {"psnr", "ssim", "baseline_psnr", "baseline_ssim", "psnr_gain_db", "num_objects", "num_views",
-        "baseline_num_objects", "resolution"}.
+        {"psnr", "ssim", "nearest_input_psnr", "nearest_input_ssim", "baseline_psnr", "baseline_ssim",
+        "psnr_gain_db", "gain_over_nearest_input_db", "num_objects", "num_views", "baseline_num_objects",
+        "resolution"}; ``baseline_*`` is the mean training image.
     """
     mean_img, n_train = mean_training_image(train_loader, baseline_max_objects)  # [3, H, W]
-    psnr, ssim, b_psnr, b_ssim = [], [], [], []
+    psnr, ssim, b_psnr, b_ssim, n_psnr, n_ssim = [], [], [], [], [], []
     objects = 0
     for batch in test_loader:
         if max_objects is not None and objects >= max_objects:
             break
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        pred, gt = predict_novel(batch)  # [B, V, 3, H, W] each
+        out = evaluate(batch)
+        pred, gt = out["pred_images"], out["gt_images"]  # [B, V, 3, H, W] each
+        near, _ = nearest_input_views(out["input_images"], batch["input_c2w"], out["eval_c2w"])  # [B, V, 3, H, W]
         if max_objects is not None:
-            pred, gt = pred[: max_objects - objects], gt[: max_objects - objects]
+            pred, gt, near = (x[: max_objects - objects] for x in (pred, gt, near))
         objects += pred.shape[0]
-        pred, gt = pred.flatten(0, 1).float().cpu(), gt.flatten(0, 1).float().cpu()  # [M, 3, H, W]
+        pred, gt, near = (x.flatten(0, 1).float().cpu() for x in (pred, gt, near))  # [M, 3, H, W]
         if mean_img.shape != gt.shape[1:]:
             raise RuntimeError(f"held-out evaluation: train images {tuple(mean_img.shape)} vs test {tuple(gt.shape[1:])}")
         base = mean_img.expand_as(gt)
@@ -98,12 +124,16 @@ def heldout_evaluation(
         ssim.append(per_image_ssim(pred, gt))
         b_psnr.append(per_image_psnr(base, gt))
         b_ssim.append(per_image_ssim(base, gt))
+        n_psnr.append(per_image_psnr(near, gt))
+        n_ssim.append(per_image_ssim(near, gt))
     if not psnr:
         raise RuntimeError("held-out evaluation: the test dataloader is empty (no held-out objects)")
-    psnr_t, ssim_t, bp, bs = (torch.cat(x) for x in (psnr, ssim, b_psnr, b_ssim))
+    psnr_t, ssim_t, bp, bs, np_, ns = (torch.cat(x) for x in (psnr, ssim, b_psnr, b_ssim, n_psnr, n_ssim))
     out = {
         "psnr": float(psnr_t.mean()),
         "ssim": float(ssim_t.mean()),
+        "nearest_input_psnr": float(np_.mean()),
+        "nearest_input_ssim": float(ns.mean()),
         "baseline_psnr": float(bp.mean()),
         "baseline_ssim": float(bs.mean()),
         "num_objects": int(objects),
@@ -112,4 +142,5 @@ def heldout_evaluation(
         "resolution": list(mean_img.shape[1:]),
     }
     out["psnr_gain_db"] = out["psnr"] - out["baseline_psnr"]
+    out["gain_over_nearest_input_db"] = out["psnr"] - out["nearest_input_psnr"]
     return out
