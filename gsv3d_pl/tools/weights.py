@@ -1,6 +1,10 @@
 """``gsv3d weights [--config A.yaml [--config B.yaml ...]] [--key=value ...]``: every external weight file, where
 it is looked for, and whether it is there.
 
+``gsv3d weights convert-sv3d SRC.safetensors OUT/ [--variant sv3d_p|sv3d_u]`` converts Stability's official SGM
+SV3D checkpoint into the diffusers UNet folder ``model.init_args.sv3d.init_args.unet_path`` reads (exit 2 if SRC
+is not one; see :mod:`gsv3d_pl.models.sv3d_convert`).
+
 With configs, they are parsed exactly as ``gsv3d fit`` parses them (:func:`gsv3d_pl.config.parse_config`: later
 files win, lists are replaced, keys and types checked) and *nothing is instantiated*: every ``class_path`` of the
 parsed config (model, its sub-models, data, ``trainer.callbacks``, ...) is imported, and a class with a
@@ -20,7 +24,7 @@ from typing import Any
 from gsv3d_pl.config import ConfigError, config_args, parse_config
 from gsv3d_pl.weights import WeightSpec
 
-__all__ = ["main", "collect_specs", "find_class_nodes", "import_class", "known_components"]
+__all__ = ["main", "convert_sv3d_main", "collect_specs", "find_class_nodes", "import_class", "known_components"]
 
 # Modules holding the classes listed without --config.
 KNOWN_MODULES = ("gsv3d_pl.models", "gsv3d_pl.stages", "callbacks.metrics", "datamodules")
@@ -93,7 +97,35 @@ def _print_table(rows: list[tuple[str, WeightSpec]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
+def convert_sv3d_main(argv: list[str]) -> int:
+    """``gsv3d weights convert-sv3d SRC OUT [--variant]``: 0 when written, 2 when SRC is refused."""
+    ap = argparse.ArgumentParser(
+        prog="gsv3d weights convert-sv3d",
+        description="Convert Stability's SGM sv3d_p/sv3d_u.safetensors (HF stabilityai/sv3d) into a diffusers "
+                    "SV3DUNet folder (config.json + diffusion_pytorch_model.safetensors).")
+    ap.add_argument("src", help="sv3d_p.safetensors or sv3d_u.safetensors")
+    ap.add_argument("out", help="output folder (replaced atomically if it exists)")
+    ap.add_argument("--variant", choices=("sv3d_p", "sv3d_u"), default=None,
+                    help="default: from the file (label_emb input width 1280 = sv3d_p, 256 = sv3d_u)")
+    args = ap.parse_args(argv)
+    from gsv3d_pl.models.sv3d_convert import SV3DCheckpointError, convert_sv3d_checkpoint  # torch: import late
+
+    try:
+        res = convert_sv3d_checkpoint(args.src, args.out, variant=args.variant)
+    except SV3DCheckpointError as e:
+        print(f"gsv3d weights convert-sv3d: {e}", file=sys.stderr)
+        return 2
+    ignored = ", ".join(f"{k} ({n})" for k, n in sorted(res.ignored.items())) or "none"
+    print(f"Wrote {res.out_dir}/config.json and {res.out_dir}/diffusion_pytorch_model.safetensors: "
+          f"{res.variant or 'custom'} UNet, {res.num_tensors} tensors, {res.num_params:,} parameters "
+          f"({'/'.join(res.dtypes)}). Ignored non-UNet keys: {ignored}.")
+    print(f"Use it with --model.init_args.sv3d.init_args.unet_path={res.out_dir}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "convert-sv3d":  # a subcommand; everything else is the --config listing below
+        return convert_sv3d_main(argv[1:])
     ap = argparse.ArgumentParser(prog="gsv3d weights", description=__doc__.split("\n\n")[0],
                                  epilog="Other --key=value arguments override the configs, as in `gsv3d fit`.")
     ap.add_argument("--config", "-c", action="append", default=[], help="LightningCLI YAML (repeatable)")
