@@ -240,6 +240,12 @@ def pixel_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> tuple[Tensor,
         [..., H, W, 1]: the camera-space z of a point at unit distance along the ray, so that a
         point of planar depth z lies at ``origin + (z / z_per_t) * direction``.
     """
+    dt = c2w.dtype if c2w.dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.autocast(c2w.device.type, enabled=False):  # rays in full precision, also inside a bf16 step
+        return _pixel_rays(c2w.to(dt), K.to(dt), width, height)
+
+
+def _pixel_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, Tensor]:
     dtype, device = c2w.dtype, c2w.device
     v, u = torch.meshgrid(
         torch.arange(height, dtype=dtype, device=device) + 0.5,
@@ -268,6 +274,7 @@ def plucker_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> Tensor:
     Returns:
         [..., 6, H, W], channels-first as the networks take them.
     """
-    origins, dirs, _ = pixel_rays(c2w, K, width, height)  # [..., H, W, 3]
-    moment = torch.linalg.cross(origins, dirs, dim=-1)
+    origins, dirs, _ = pixel_rays(c2w, K, width, height)  # [..., H, W, 3], full precision
+    with torch.autocast(c2w.device.type, enabled=False):  # linalg.cross refuses mixed bf16/fp32 inputs
+        moment = torch.linalg.cross(origins, dirs, dim=-1)
     return torch.cat([moment, dirs], dim=-1).movedim(-1, -3)  # [..., 6, H, W]

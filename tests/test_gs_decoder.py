@@ -141,6 +141,20 @@ def test_tiny_forward_backward_under_one_second():
     assert best < 1.0
 
 
+def test_runs_under_bf16_autocast():
+    """The GPU stages autocast the decoder to bf16: rays stay in fp32 and the Gaussians come out fp32."""
+    torch.manual_seed(0)
+    dec = GSDecoder.from_preset("tiny")
+    z, c2w, K, dino = _batch(B=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = dec(z, c2w, K, dino)
+    ref = dec(z, c2w, K, dino)
+    assert g.means.dtype == torch.float32 and torch.isfinite(g.means).all()
+    torch.testing.assert_close(g.means, ref.means, atol=0.05, rtol=0.05)  # bf16 body, same geometry
+    g.means.sum().backward()
+    assert dec.patch_embed.weight.grad is not None
+
+
 def test_works_with_orbit_cameras_and_non_square_latents():
     cams = orbit_cameras(21, width=96, height=64)
     dec = GSDecoder.from_preset("tiny", dino_dim=None, upsample=2)
