@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast lint bench clean
+.PHONY: help install demo test test-fast lint bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ lint: $(STAMP) ## ruff check
 
 bench: $(STAMP) ## run every benchmark in benchmarks/ and print their tables
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-check: $(STAMP) ## what a CUDA machine does: backend parity, bf16 decoder step, SV3D memory (docs/gpu.md; CPU parts only without CUDA)
+	$(PY) benchmarks/gpu_check.py --json gpu_check.json
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache build dist *.egg-info
