@@ -6,6 +6,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from gsv3d_pl import weights as weights_mod
 from gsv3d_pl.hub import hub_path, hub_snapshot
 from gsv3d_pl.tools import weights as tool
 
@@ -132,3 +135,134 @@ def test_hub_path_without_snapshot_is_a_placeholder(fake_hf_cache):
         p = hub_path(repo, "a.bin")
         assert not p.exists() and p.parent.name == "<revision>"
         assert p.parent.parent == fake_hf_cache.root / f"models--{repo.replace('/', '--')}" / "snapshots"
+
+
+# ----------------------------------------------------------------------------- --fetch (downloads mocked)
+
+DECODER = str(ROOT / "configs" / "decoder" / "objaverse.yaml")
+DISTILL = str(ROOT / "configs" / "distill" / "objaverse.yaml")
+ALEX_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+class FakeDownloads:
+    """Stands in for the three download functions where gsv3d_pl.weights looks them up; records every call and,
+    unless told to fail, writes what the real one would (hub files into the fake cache, URLs into ``dst``)."""
+
+    def __init__(self, cache, monkeypatch):
+        self.cache, self.calls, self.fail = cache, [], set()
+        monkeypatch.setattr(weights_mod, "hf_hub_download", self.hf_hub_download)
+        monkeypatch.setattr(weights_mod, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(weights_mod, "download_url_to_file", self.download_url_to_file)
+
+    def _check(self, what):
+        if what in self.fail:
+            raise ConnectionError(f"network unreachable ({what})")
+
+    def hf_hub_download(self, repo_id, filename, subfolder=None, cache_dir=None):
+        self.calls.append(("hf_hub_download", repo_id, filename, subfolder))
+        assert Path(cache_dir) == self.cache.root
+        self._check(repo_id)
+        self.cache.add(repo_id, {f"{subfolder}/{filename}" if subfolder else filename: "w"})
+        return "unused"
+
+    def snapshot_download(self, repo_id, allow_patterns=None, cache_dir=None):
+        self.calls.append(("snapshot_download", repo_id, tuple(allow_patterns)))
+        assert Path(cache_dir) == self.cache.root
+        self._check(repo_id)
+        files = {}
+        for pattern in allow_patterns:  # a glob stands for the folder's config and weights
+            names = ["config.json", "diffusion_pytorch_model.safetensors"] if pattern.endswith("*") else [""]
+            files.update({pattern.rstrip("*") + n: "w" for n in names})
+        self.cache.add(repo_id, files)
+        return "unused"
+
+    def download_url_to_file(self, url, dst, progress=True):
+        self.calls.append(("download_url_to_file", url, Path(dst).parent, Path(dst).name))
+        self._check(url)
+        Path(dst).write_bytes(b"w")
+
+
+@pytest.fixture
+def downloads(tmp_path, monkeypatch, fake_hf_cache):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return FakeDownloads(fake_hf_cache, monkeypatch)
+
+
+def test_without_fetch_nothing_downloads(downloads, capsys):
+    assert tool.main(["--config", DECODER]) == 1
+    assert tool.main(["--config", DISTILL]) == 1
+    assert downloads.calls == []
+    assert "--fetch" in capsys.readouterr().out  # the hint
+    with pytest.raises(SystemExit) as e:  # --fetch needs a config to know what is missing
+        tool.main(["--fetch"])
+    assert e.value.code == 2 and "--fetch needs --config" in capsys.readouterr().err
+    assert downloads.calls == []
+
+
+def test_fetch_downloads_exactly_the_missing_files(downloads, tmp_path, capsys):
+    ckpts = tmp_path / "torch" / "hub" / "checkpoints"
+    downloads.cache.add("timm/resnet50_clip.openai", {"open_clip_pytorch_model.bin": "x"})  # already there
+    # lambda_lpips > 0 adds DecoderStage's own AlexNet spec: the same file as the metric's, fetched once.
+    argv = ["--config", DECODER, "--model.init_args.lambda_lpips=0.5", "--fetch"]
+    assert tool.main(argv) == 0
+    assert sorted(downloads.calls) == sorted([
+        ("download_url_to_file", ALEX_URL, ckpts, downloads.calls[0][3]),
+        ("download_url_to_file", INCEPTION_URL, ckpts, downloads.calls[1][3]),
+        ("snapshot_download", "stabilityai/sd-vae-ft-mse", ("config.json", "diffusion_pytorch_model.safetensors")),
+        ("hf_hub_download", "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", None),
+    ])
+    # URL files are written beside their place, then renamed into it.
+    for call, name in zip(downloads.calls[:2], ("alexnet-owt-7be5be79.pth", "weights-inception-2015-12-05-6726825d.pth")):
+        assert call[3] != name and call[3].startswith(f".tmp_{name}")
+        assert (ckpts / name).read_bytes() == b"w"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["alexnet-owt-7be5be79.pth",
+                                                       "weights-inception-2015-12-05-6726825d.pth"]
+    out = capsys.readouterr().out
+    before, after = out.split("After fetching:")
+    assert "MISSING" in before and "MISSING" not in after
+    statuses = [line.split()[-1] for line in after.splitlines() if line.startswith(("gsv3d_pl.", "callbacks."))]
+    assert statuses and set(statuses) == {"found"}
+    # Found now, so a second --fetch downloads nothing.
+    downloads.calls.clear()
+    assert tool.main(argv) == 0
+    assert downloads.calls == []
+
+
+def test_fetch_failure_names_the_file_and_continues(downloads, tmp_path, capsys):
+    downloads.fail = {"timm/vit_small_patch14_dinov2.lvd142m", INCEPTION_URL}
+    assert tool.main(["--config", DECODER, "--fetch"]) == 1
+    assert len(downloads.calls) == 5  # every missing file was tried
+    captured = capsys.readouterr()
+    assert "could not fetch timm vit_small_patch14_dinov2 weights" in captured.err
+    assert "could not fetch FID/KID Inception-v3" in captured.err and "ConnectionError" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    after = captured.out.split("After fetching:")[1]
+    rows = {line.split()[1]: line.split()[-1] for line in after.splitlines()
+            if line.startswith(("gsv3d_pl.", "callbacks."))}
+    assert rows["model.init_args.dino.init_args.path"] == "MISSING"
+    assert rows["model.init_args.vae.init_args.path"] == "found"
+    assert "2 file(s) MISSING" in after and "2 download(s) failed" in after
+    ckpts = tmp_path / "torch" / "hub" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["alexnet-owt-7be5be79.pth"]  # no partial inception file left
+
+
+def test_fetch_skips_config_paths_and_files_without_a_recipe(downloads, tmp_path, capsys):
+    vae = tmp_path / "my_vae"
+    assert tool.main(["--config", DISTILL, f"--model.init_args.vae.init_args.path={vae}", "--fetch"]) == 1
+    requested = {c[1] for c in downloads.calls}
+    assert "stabilityai/sd-vae-ft-mse" not in requested  # the config names its own VAE folder
+    assert ("snapshot_download", "chenguolin/sv3d-diffusers", ("unet/*",)) in downloads.calls
+    assert ("hf_hub_download", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin",
+            None) in downloads.calls
+    out = capsys.readouterr().out
+    assert "set by the config: not fetched" in out and str(vae) in out
+    assert "stage-1 DecoderStage checkpoint" in out and "no download recipe, not fetched" in out
+    after = out.split("After fetching:")[1]
+    rows = {line.split()[1]: line.split()[-1] for line in after.splitlines() if line.startswith("gsv3d_pl.")}
+    assert rows["model.init_args.sv3d.init_args.unet_path"] == "found"
+    assert rows["model.init_args.clip.init_args.path"] == "found"
+    assert rows["model.init_args.vae.init_args.path"] == "MISSING"
+    assert rows["model.init_args.decoder_ckpt"] == "MISSING"
+    assert "2 file(s) MISSING" in after

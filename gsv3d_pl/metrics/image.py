@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from gsv3d_pl.hub import hub_path
-from gsv3d_pl.weights import MissingWeightsError, WeightSpec, torch_hub_dir
+from gsv3d_pl.weights import HubFile, MissingWeightsError, UrlFile, WeightSpec, torch_hub_dir
 
 __all__ = [
     "MODES",
@@ -84,6 +84,7 @@ def image_metric_weight_specs(
             candidates=[hub / LPIPS_ALEX_FILE],
             source=f"https://download.pytorch.org/models/{LPIPS_ALEX_FILE}",
             explicit=lpips_backbone_path,
+            fetch=UrlFile(f"https://download.pytorch.org/models/{LPIPS_ALEX_FILE}", hub / LPIPS_ALEX_FILE),
         ),
         WeightSpec(
             name="FID/KID Inception-v3 (torch-fidelity port of the TF FID network)",
@@ -91,6 +92,8 @@ def image_metric_weight_specs(
             candidates=[hub / INCEPTION_FILE],
             source="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE,
             explicit=inception_path,
+            fetch=UrlFile("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE,
+                          hub / INCEPTION_FILE),
         ),
         WeightSpec(
             name="CLIP-IQA CLIP RN50 (OpenAI weights, open_clip format)",
@@ -98,6 +101,7 @@ def image_metric_weight_specs(
             candidates=[hub_path(CLIP_IQA_HF_REPO, "open_clip_pytorch_model.bin")],  # the refs/main snapshot
             source=f"huggingface-cli download {CLIP_IQA_HF_REPO} open_clip_pytorch_model.bin",
             explicit=clip_iqa_path,
+            fetch=HubFile(CLIP_IQA_HF_REPO, "open_clip_pytorch_model.bin"),
         ),
     ]
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gsv3d_pl.hub import hub_path
 from gsv3d_pl.models.frozen import fingerprint, freeze
-from gsv3d_pl.weights import WeightSpec, require_files, resolve
+from gsv3d_pl.weights import HubFile, WeightSpec, require_files, resolve
 
 __all__ = [
     "FrozenModule",
@@ -110,6 +110,7 @@ def _vae_spec(path, key_prefix: str = "model.init_args.vae") -> WeightSpec:
         candidates=[hub_path("stabilityai/sd-vae-ft-mse"), hub_path("chenguolin/sv3d-diffusers", "vae")],
         source=_VAE_SOURCE,
         explicit=path,
+        fetch=HubFile("stabilityai/sd-vae-ft-mse", ("config.json", "diffusion_pytorch_model.safetensors")),
     )
 
 
@@ -262,6 +263,7 @@ def _clip_spec(path, model_name: str, key_prefix: str = "model.init_args.clip") 
         candidates=[hub_path(repo, "open_clip_model.safetensors"), hub_path(repo, "open_clip_pytorch_model.bin")],
         source=_CLIP_SOURCE,
         explicit=path,
+        fetch=HubFile(repo, "open_clip_pytorch_model.bin"),  # the file _CLIP_SOURCE names
     )
 
 
@@ -338,6 +340,7 @@ def _dino_spec(path, model_name: str, key_prefix: str = "model.init_args.dino") 
         candidates=[hub_path(f"timm/{model_name}.lvd142m", "model.safetensors")],
         source=_DINO_SOURCE.format(name=model_name),
         explicit=path,
+        fetch=HubFile(f"timm/{model_name}.lvd142m", "model.safetensors"),
     )
 
 

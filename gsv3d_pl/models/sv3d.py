@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from gsv3d_pl.hub import hub_path
 from gsv3d_pl.models.encoders import tiny_init_seed
 from gsv3d_pl.orbit import NUM_FRAMES
-from gsv3d_pl.weights import WeightSpec, require_files, resolve
+from gsv3d_pl.weights import HubFile, WeightSpec, require_files, resolve
 
 __all__ = [
     "SV3DUNet",
@@ -251,6 +251,7 @@ def _unet_spec(unet_path: str | os.PathLike | None, key_prefix: str = "model.ini
         candidates=[hub_path("chenguolin/sv3d-diffusers", "unet")],
         source=_UNET_SOURCE,
         explicit=unet_path,
+        fetch=HubFile("chenguolin/sv3d-diffusers", "*", subfolder="unet"),
     )
 
 

@@ -40,11 +40,15 @@ def lpips_weight_specs(init_args: dict, key_prefix: str = "model") -> list[Weigh
     ``DecoderStage.weight_specs`` returns for the stage at config key ``key_prefix``."""
     if not float(init_args.get("lambda_lpips", 0.0) or 0.0) > 0:
         return []
+    from gsv3d_pl.weights import UrlFile
+
     return [WeightSpec(
         name="LPIPS loss backbone (torchvision AlexNet)",
         config_key=f"{key_prefix}.init_args.lambda_lpips",
         candidates=[torch_hub_dir() / "checkpoints" / "alexnet-owt-7be5be79.pth"],
         source="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (into $TORCH_HOME/hub/checkpoints/)",
+        fetch=UrlFile("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+                      torch_hub_dir() / "checkpoints" / "alexnet-owt-7be5be79.pth"),
     )]
 
 

@@ -11,6 +11,13 @@ parsed config (model, its sub-models, data, ``trainer.callbacks``, ...) is impor
 ``weight_specs(init_args, key_prefix)`` method is asked for its files. Exit status 1 if any file is missing, 2 if
 the config does not parse. Without ``--config``, every such class of the project is listed with its default
 arguments.
+
+``--fetch`` (with ``--config`` only) downloads each MISSING file that has a download recipe
+(:class:`~gsv3d_pl.weights.HubFile`: into the Hugging Face hub cache; :class:`~gsv3d_pl.weights.UrlFile`: into
+its exact path under ``$TORCH_HOME/hub/checkpoints``), i.e. where runs look, then checks and prints the table
+again: exit 0 if nothing is missing any more, 1 otherwise. A file whose path the config sets, or one without a
+recipe (a run's own checkpoint), is not fetched; a failed download is reported by name and the others go on.
+Nothing else in the project ever downloads.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any
 from gsv3d_pl.config import ConfigError, config_args, parse_config
 from gsv3d_pl.weights import WeightSpec
 
-__all__ = ["main", "convert_sv3d_main", "collect_specs", "find_class_nodes", "import_class", "known_components"]
+__all__ = ["main", "convert_sv3d_main", "collect_specs", "fetch_missing", "find_class_nodes", "import_class",
+           "known_components"]
 
 # Modules holding the classes listed without --config.
 KNOWN_MODULES = ("gsv3d_pl.models", "gsv3d_pl.stages", "callbacks.metrics", "datamodules")
@@ -97,6 +105,38 @@ def _print_table(rows: list[tuple[str, WeightSpec]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
+def fetch_missing(rows: list[tuple[str, WeightSpec]]) -> list[str]:
+    """Download every MISSING spec of ``rows`` that has a recipe and no config-set path (each recipe once).
+
+    Returns:
+        the names of the files whose download failed (each failure is printed to stderr, without a traceback).
+    """
+    print("\nFetching what is missing (--fetch):")
+    done: set = set()
+    failed: list[str] = []
+    for _, spec in rows:
+        if spec.status() != "MISSING":
+            continue
+        if spec.fetch is None:  # a run's own output (stage 1's checkpoint), a licence-gated file
+            print(f"  {spec.name}: no download recipe, not fetched; get it: {spec.source or '-'}")
+            continue
+        if spec.explicit:
+            print(f"  {spec.name}: set by the config: not fetched ({spec.config_key}={spec.explicit}); "
+                  f"get it: {spec.source or '-'}")
+            continue
+        if spec.fetch in done:
+            continue
+        done.add(spec.fetch)
+        print(f"  fetching {spec.name}: {spec.fetch.describe()}", flush=True)
+        try:
+            spec.fetch.fetch()
+        except Exception as e:  # network, HTTP, disk: per file, so the others still come
+            failed.append(spec.name)
+            print(f"gsv3d weights: could not fetch {spec.name} ({spec.fetch.describe()}): "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+    return failed
+
+
 def convert_sv3d_main(argv: list[str]) -> int:
     """``gsv3d weights convert-sv3d SRC OUT [--variant]``: 0 when written, 2 when SRC is refused."""
     ap = argparse.ArgumentParser(
@@ -129,7 +169,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gsv3d weights", description=__doc__.split("\n\n")[0],
                                  epilog="Other --key=value arguments override the configs, as in `gsv3d fit`.")
     ap.add_argument("--config", "-c", action="append", default=[], help="LightningCLI YAML (repeatable)")
+    ap.add_argument("--fetch", action="store_true",
+                    help="download the MISSING files that have a known source into the place runs look "
+                         "(network needed; runs themselves never download); needs --config")
     args, overrides = ap.parse_known_args(argv)
+    if args.fetch and not args.config:
+        ap.error("--fetch needs --config (it downloads what that config is missing)")
     problems: list[str] = []
     if args.config:
         try:
@@ -153,8 +198,18 @@ def main(argv: list[str]) -> int:
     for p in problems:
         print(f"warning: {p}")
     missing = [s for _, s in rows if s.status() == "MISSING"]
+    if args.fetch and missing:
+        failed = fetch_missing(rows)
+        rows, _ = collect_specs(cfg.as_dict())  # again: hub-cache paths are resolved when a spec is made
+        print("\nAfter fetching:")
+        _print_table(rows)
+        missing = [s for _, s in rows if s.status() == "MISSING"]
+        if failed:
+            print(f"{len(failed)} download(s) failed: {', '.join(failed)}")
     if args.config and missing:
         print(f"\n{len(missing)} file(s) MISSING. Put them at the path shown (or set the config key), "
               "nothing is downloaded at run time.")
+        if not args.fetch and any(s.fetch is not None and not s.explicit for s in missing):
+            print("`gsv3d weights --config ... --fetch` downloads the ones with a known source (network needed).")
         return 1
     return 0
