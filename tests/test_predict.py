@@ -411,3 +411,19 @@ def _data_overlay(tmp_path: Path) -> Path:
     p.write_text(yaml.safe_dump({"trainer": {"logger": False, "default_root_dir": str(tmp_path / "run")},
                                  "data": {"init_args": {"cache_dir": str(tmp_path / "cache")}}}))
     return p
+
+
+@pytest.mark.slow
+def test_predict_bf16_on_cpu(demo, tmp_path, capsys):
+    """--dtype bf16 on CPU: the UNet/VAE/CLIP/DINO run in bf16, the decoder in fp32; all outputs written."""
+    img = write_rgba(tmp_path / "a.png")
+    out = tmp_path / "out"
+    code = predict_tool.main([
+        *sum((["--config", c] for c in demo["configs"]), []), "--ckpt_path", str(demo["ckpt"]),
+        "--image", str(img), "--out", str(out), "--num_steps", "2", "--turntable_frames", "3",
+        "--render_size", "32", "--device", "cpu", "--dtype", "bf16", "--offload",
+    ])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "bf16 weights" in err and "--offload does nothing on CPU" in err
+    _check_outputs(out, demo["num_gaussians"], frames=3)

@@ -10,6 +10,9 @@ renders.png + depth.png (the Gaussians at those cameras) and input.png. Folders 
 a failure leaves nothing behind. Input images are validated before the model is built, so bad input fails
 in a second.
 
+Memory: ``--dtype fp16`` (the CUDA default) halves the weights; ``--offload`` keeps the modules on the CPU
+between their steps (README "Memory").
+
 Exit status: 0 all done; 1 some input failed (each is named on stderr); 2 usage / config / weights errors.
 """
 
@@ -61,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
     p.add_argument("--render_size", type=int, default=None, help="turntable/render size (default: the resolution)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="weights of the SV3D UNet, VAE, CLIP and DINO (the GS decoder stays fp32). "
+                        "Default: fp16 on CUDA, fp32 on CPU; fp16 is refused on CPU (slow or unsupported there), "
+                        "bf16 works on both")
+    p.add_argument("--offload", action="store_true",
+                   help="model CPU offload: keep every big module on the CPU and move each to the GPU only while "
+                        "it runs (CLIP + VAE encode, SV3D sampling, VAE decode, DINO + decoder); lowers the peak "
+                        "GPU memory to the largest single step (README 'Memory'). A no-op on CPU")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -68,6 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _device_and_dtype(args):
+    """(device, weight dtype, error message or None) from --device / --dtype."""
+    import torch
+
+    from gsv3d_pl.inference.pipeline import DTYPES
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            return None, None, f"--device {args.device!r}: not a device (auto | cpu | cuda | cuda:N)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return None, None, f"--device {args.device}: CUDA is not available here (use --device cpu)"
+    name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if name == "fp16" and device.type == "cpu":
+        return None, None, ("--dtype fp16 is not supported on CPU (fp16 kernels there are slow or missing); "
+                            "use --dtype bf16 or fp32 on CPU, or fp16 on a CUDA device")
+    return device, DTYPES[name], None
 
 
 def _slug(text: str, max_len: int = 48) -> str:
@@ -175,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.turntable_frames < 1:
         _err(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
         return 2
+    device, dtype, msg = _device_and_dtype(args)
+    if msg:
+        _err(msg)
+        return 2
     input_views = None
     if args.input_views:
         try:
@@ -228,14 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     root_existed = root is not None and root.exists()
 
     # 2. The model.
-    import torch
-
     from gsv3d_pl.inference import ImageTo3D, text_to_image, write_prediction
     from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
     from gsv3d_pl.weights import MissingWeightsError
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     t0 = time.perf_counter()
     try:
         stage, settings = load_stage(args.config)
@@ -254,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         _err(str(e))
         return 2
-    stage = stage.to(device).eval()
+    # With --offload everything stays on the CPU; the pipeline moves each module over while it runs.
+    stage = (stage if args.offload and device.type == "cuda" else stage.to(device)).eval()
     resolution = int(args.resolution or settings.get("resolution") or 0)
     if resolution <= 0:
         _err("the config has no data.init_args.resolution; pass --resolution")
@@ -267,13 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     elif getattr(stage, "num_input_views", None) is None and settings.get("num_input_views"):
         kw["num_input_views"] = int(settings["num_input_views"])
     try:
-        pipe = ImageTo3D.from_stage(stage, num_steps=args.num_steps, **kw)
+        pipe = ImageTo3D.from_stage(stage, num_steps=args.num_steps, dtype=dtype, device=device,
+                                    offload=args.offload and device.type == "cuda", **kw)
     except ValueError as e:
         _err(str(e))
         return 2
     if not args.quiet:
-        print(f"model loaded in {time.perf_counter() - t0:.1f}s on {device}; resolution {resolution}, "
+        print(f"model loaded in {time.perf_counter() - t0:.1f}s on {device} ({args.dtype or str(dtype).removeprefix('torch.')} weights"
+              f"{', CPU offload' if pipe.offload else ''}); resolution {resolution}, "
               f"decoder frames {pipe.input_indices}", file=sys.stderr)
+        if args.offload and device.type != "cuda":
+            print("note: --offload does nothing on CPU", file=sys.stderr)
 
     # 3. Text -> image.
     preprocessed: dict[Path, tuple] = {}
