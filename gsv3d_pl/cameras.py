@@ -13,6 +13,7 @@ Conventions (fixed project-wide, see README "Conventions"):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -241,8 +242,15 @@ def pixel_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> tuple[Tensor,
         point of planar depth z lies at ``origin + (z / z_per_t) * direction``.
     """
     dt = c2w.dtype if c2w.dtype in (torch.float32, torch.float64) else torch.float32
-    with torch.autocast(c2w.device.type, enabled=False):  # rays in full precision, also inside a bf16 step
+    with _no_autocast(c2w.device):  # rays in full precision, also inside a bf16 step
         return _pixel_rays(c2w.to(dt), K.to(dt), width, height)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off on ``device`` (a no-op context where autocast does not exist, e.g. the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _pixel_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,6 +283,6 @@ def plucker_rays(c2w: Tensor, K: Tensor, width: int, height: int) -> Tensor:
         [..., 6, H, W], channels-first as the networks take them.
     """
     origins, dirs, _ = pixel_rays(c2w, K, width, height)  # [..., H, W, 3], full precision
-    with torch.autocast(c2w.device.type, enabled=False):  # linalg.cross refuses mixed bf16/fp32 inputs
+    with _no_autocast(c2w.device):  # linalg.cross refuses mixed bf16/fp32 inputs
         moment = torch.linalg.cross(origins, dirs, dim=-1)
     return torch.cat([moment, dirs], dim=-1).movedim(-1, -3)  # [..., 6, H, W]

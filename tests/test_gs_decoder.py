@@ -188,3 +188,8 @@ def test_base_preset_on_meta_device():
           f"{tokens} tokens at 21 × 72² latents; {dec.num_gaussians(21, 72, 72):,} Gaussians")
     assert 100e6 < n < 200e6 and n0 < n
     assert GS_DECODER_PRESETS["base"]["dim"] == 768 and GS_DECODER_PRESETS["base"]["depth"] == 12
+    # the paper-scale forward runs on meta tensors too (memory estimates do this): shapes only, no FLOPs
+    cams = orbit_cameras(21, 10.0, width=576, height=576)
+    with torch.device("meta"):
+        g = no_dino(torch.randn(1, 2, 4, 72, 72), cams.c2w[:2][None].to("meta"), cams.K[:2][None].to("meta"))
+    assert g.means.shape == (1, no_dino.num_gaussians(2, 72, 72), 3) and g.means.is_meta
