@@ -131,7 +131,7 @@ def test_pretrained_unet_from_the_hub_cache_fp16_variant(fake_hf_cache):
     torch.manual_seed(0)
     stock = UNetSpatioTemporalConditionModel(**UNET_PRESETS["tiny"])
     snap = fake_hf_cache.add("chenguolin/sv3d-diffusers", commit="c" * 40)
-    stock.save_pretrained(snap / "unet", variant="fp16")
+    stock.to(torch.float16).save_pretrained(snap / "unet", variant="fp16")  # half weights, as the release
     assert (snap / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert not (snap / "unet" / "diffusion_pytorch_model.safetensors").exists()
     m = SV3D(unet_preset="pretrained")
