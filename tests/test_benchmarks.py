@@ -20,3 +20,13 @@ def test_bench_render_prints_views_per_second():
              for m in re.finditer(r"(\d+)x\1: +([\d.]+) views/s", out.stdout)}
     assert set(rates) == {32, 64} and all(r > 0 for r in rates.values()), out.stdout
     assert "Blender Cycles anchor: skipped" in out.stdout
+
+
+def test_operating_point_prints_the_baselines_and_ceilings():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "operating_point.py"), "--resolutions", "32",
+                          "--objects", "6"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(line for line in out.stdout.splitlines() if line.strip().startswith("32x32"))
+    vals = {k: float(v) for k, v in re.findall(r"(nearest input view|tiny VAE|\d+x\d+ ceiling) ([\d.]+)", row)}
+    assert {"nearest input view", "tiny VAE", "4x4 ceiling", "8x8 ceiling", "16x16 ceiling"} <= set(vals), row
+    assert vals["4x4 ceiling"] < vals["8x8 ceiling"] < vals["16x16 ceiling"]  # more numbers carry more
