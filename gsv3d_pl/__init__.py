@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DecoderStage": "gsv3d_pl.stages.decoder_stage",
     "DistillStage": "gsv3d_pl.stages.distill_stage",
+    "SV3DStage": "gsv3d_pl.stages.sv3d_stage",
 }
 
 __all__ = ["__version__", *_LAZY]

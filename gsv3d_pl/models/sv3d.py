@@ -271,6 +271,8 @@ class SV3D(nn.Module):
         num_steps: default sampling steps (50).
         min_cfg, max_cfg: triangle CFG scales over frames (1.0 -> 2.5 -> 1.0).
         gradient_checkpointing: enable diffusers' checkpointing inside the UNet blocks.
+        latent_channels: C, the VAE's latent channels. Builds the tiny UNet (in 2C: noisy + conditioning latent,
+            out C); a pretrained UNet must already have them (SV3D-p: 4).
     """
 
     @staticmethod
@@ -294,6 +296,7 @@ class SV3D(nn.Module):
         min_cfg: float = 1.0,
         max_cfg: float = 2.5,
         gradient_checkpointing: bool = False,
+        latent_channels: int = 4,
     ):
         super().__init__()
         if unet_preset not in UNET_PRESETS:
@@ -301,14 +304,23 @@ class SV3D(nn.Module):
         if unet_preset == "tiny":
             if unet_path is not None:
                 raise ValueError("SV3D: unet_path is only read with unet_preset='pretrained'")
+            if latent_channels < 1:
+                raise ValueError(f"SV3D: latent_channels must be >= 1, got {latent_channels}")
+            C = int(latent_channels)
             with tiny_init_seed(4):  # the base UNet is not in stage-2 checkpoints (LoRA only)
-                self.unet = SV3DUNet(**UNET_PRESETS["tiny"])
+                self.unet = SV3DUNet(**{**UNET_PRESETS["tiny"], "in_channels": 2 * C, "out_channels": C})
         else:
             spec = _unet_spec(unet_path)
             folder = resolve(spec)  # raises MissingWeightsError naming model.init_args.sv3d.init_args.unet_path
             weights = require_files(folder, spec, ["config.json"], _UNET_WEIGHTS)
             variant = "fp16" if weights.name == _UNET_WEIGHTS[-1] else None
             self.unet = SV3DUNet.from_pretrained(str(folder), variant=variant)
+            have = (self.unet.config.in_channels, self.unet.config.out_channels)
+            if have != (2 * latent_channels, latent_channels):
+                raise ValueError(
+                    f"SV3D: the UNet at {folder} has in/out channels {have}, but latent_channels={latent_channels} "
+                    f"wants {(2 * latent_channels, latent_channels)}: set model.init_args.sv3d.init_args.latent_channels "
+                    f"to {have[1]} (and use a VAE with that many latent channels)")
         a = self.unet.config.addition_time_embed_dim
         if self.unet.config.projection_class_embeddings_input_dim != 5 * a:
             raise ValueError(
@@ -355,19 +367,23 @@ class SV3D(nn.Module):
         """EDM denoiser D(x; σ): the predicted clean *scaled* latents of every frame.
 
         Args:
-            x_noisy: [B, F, 4, h, w] noisy scaled latents x = z0 + σ·n.
+            x_noisy: [B, F, C, h, w] noisy scaled latents x = z0 + σ·n (C = the UNet's out_channels).
             sigma: [B] noise levels (or a scalar).
             clip_emb: [B, 1, D] CLIP image embedding of the input view (zeros = unconditional).
-            cond_latent: [B, 4, h, w] *unscaled* VAE latent of the noise-augmented input view.
+            cond_latent: [B, C, h, w] *unscaled* VAE latent of the noise-augmented input view.
             polars_rad: [B, F] polar angles, radians(90 - elevation).
             azimuths_rad: [B, F] azimuths relative to the input view, radians.
             cond_aug: [B] (or scalar) the noise-augmentation level used for ``cond_latent``.
         Returns:
-            D: [B, F, 4, h, w], dtype of ``x_noisy``.
+            D: [B, F, C, h, w], dtype of ``x_noisy``.
         """
         B, F = x_noisy.shape[:2]
+        C = self.unet.config.out_channels
+        if x_noisy.ndim != 5 or x_noisy.shape[2] != C:
+            raise ValueError(f"SV3D: latents must be [B, F, {C}, h, w] (the UNet's out_channels = latent_channels), "
+                             f"got {tuple(x_noisy.shape)}: do the VAE's latent channels match the UNet's?")
         if cond_latent.shape != (B, *x_noisy.shape[2:]):
-            raise ValueError(f"cond_latent must be [B, 4, h, w] = {(B, *x_noisy.shape[2:])}, got {tuple(cond_latent.shape)}")
+            raise ValueError(f"cond_latent must be [B, C, h, w] = {(B, *x_noisy.shape[2:])}, got {tuple(cond_latent.shape)}")
         D_cross = self.unet.config.cross_attention_dim
         if clip_emb.ndim != 3 or clip_emb.shape[0] != B or clip_emb.shape[-1] != D_cross:
             raise ValueError(f"clip_emb must be [B, 1, {D_cross}] (the UNet's cross_attention_dim), got {tuple(clip_emb.shape)}")
@@ -376,11 +392,11 @@ class SV3D(nn.Module):
         cond_aug = torch.as_tensor(cond_aug, device=dev, dtype=torch.float32).reshape(-1).expand(B)  # [B]
         c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1, 1, 1) for c in self.edm.scalings(sigma))
         inp = torch.cat([c_in * x_noisy.float(), cond_latent.float()[:, None].expand(B, F, *cond_latent.shape[1:])],
-                        dim=2)  # [B, F, 8, h, w]
+                        dim=2)  # [B, F, 2C, h, w]
         ids = torch.stack([cond_aug[:, None].expand(B, F), polars_rad.to(dev).float().expand(B, F),
                            azimuths_rad.to(dev).float().expand(B, F)], dim=-1)  # [B, F, 3], fp32
-        out = self.unet(inp.to(dt), c_noise.reshape(B), clip_emb.to(dt), ids).sample  # [B, F, 4, h, w]
-        D = c_skip * x_noisy.float() + c_out * out.float()  # [B, F, 4, h, w]
+        out = self.unet(inp.to(dt), c_noise.reshape(B), clip_emb.to(dt), ids).sample  # [B, F, C, h, w]
+        D = c_skip * x_noisy.float() + c_out * out.float()  # [B, F, C, h, w]
         return D.to(x_noisy.dtype)
 
     # ------------------------------------------------------------------ training
@@ -398,18 +414,18 @@ class SV3D(nn.Module):
         """EDM diffusion loss mean(λ(σ)·(D − z0)²), σ ~ exp(N(p_mean, p_std)).
 
         Args:
-            z0: [B, F, 4, h, w] ground-truth scaled latents of the orbit.
+            z0: [B, F, C, h, w] ground-truth scaled latents of the orbit.
             clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug: as in :meth:`denoise`.
             generator: optional RNG for σ, the noise and the CFG-dropout mask.
         Returns:
-            loss (scalar), D [B, F, 4, h, w] (the prediction of z0, for L_3D), sigma [B].
+            loss (scalar), D [B, F, C, h, w] (the prediction of z0, for L_3D), sigma [B].
         """
         B = z0.shape[0]
         dev = z0.device
         gdev = generator.device if generator is not None else dev
         sigma = self.edm.sample_sigma(B, device=dev, generator=generator)  # [B]
         noise = torch.randn(z0.shape, generator=generator, device=gdev, dtype=torch.float32).to(dev)
-        x = z0.float() + sigma.view(B, 1, 1, 1, 1) * noise  # [B, F, 4, h, w]
+        x = z0.float() + sigma.view(B, 1, 1, 1, 1) * noise  # [B, F, C, h, w]
         if self.training and self.cfg_dropout > 0:
             keep = (torch.rand(B, generator=generator, device=gdev) >= self.cfg_dropout).to(dev)  # [B]
             clip_emb = clip_emb * keep.view(B, 1, 1).to(clip_emb.dtype)
@@ -453,19 +469,19 @@ class SV3D(nn.Module):
         """Generate the orbit's scaled latents with Euler EDM and triangle CFG.
 
         Args:
-            clip_emb: [B, 1, D]; cond_latent: [B, 4, h, w] unscaled; polars_rad, azimuths_rad: [B, F].
+            clip_emb: [B, 1, D]; cond_latent: [B, C, h, w] unscaled; polars_rad, azimuths_rad: [B, F].
             cond_aug: [B] or scalar (SV3D inference: 1e-5).
             num_steps, min_cfg, max_cfg: override the constructor's defaults.
-            latents: optional [B, F, 4, h, w] unit-variance starting noise (scaled by σ_max here).
+            latents: optional [B, F, C, h, w] unit-variance starting noise (scaled by σ_max here).
             progress: show a tqdm bar over the steps.
         Returns:
-            [B, F, 4, h, w] scaled latents (decode with ``VAE.decode``). As in Stability's script, the
+            [B, F, C, h, w] scaled latents (decode with ``VAE.decode``). As in Stability's script, the
             caller may replace the last (input-view) frame with the input image after decoding.
         """
         from tqdm.auto import tqdm
 
         B, F = azimuths_rad.shape
-        h, w = cond_latent.shape[-2:]
+        C, (h, w) = self.unet.config.out_channels, cond_latent.shape[-2:]
         dev = cond_latent.device
         sched = self.make_scheduler()
         sched.set_timesteps(num_steps or self.num_steps, device=dev)
@@ -473,8 +489,8 @@ class SV3D(nn.Module):
         sigmas = sched.sigmas.to(dev)  # [S+1], last = 0
         if latents is None:
             gdev = generator.device if generator is not None else dev
-            latents = torch.randn(B, F, 4, h, w, generator=generator, device=gdev).to(dev)
-        x = latents.float() * sigmas[0]  # [B, F, 4, h, w]
+            latents = torch.randn(B, F, C, h, w, generator=generator, device=gdev).to(dev)
+        x = latents.float() * sigmas[0]  # [B, F, C, h, w]
 
         scales = triangle_cfg_scales(F, self.min_cfg if min_cfg is None else min_cfg,
                                      self.max_cfg if max_cfg is None else max_cfg).to(dev)  # [F]
@@ -493,7 +509,7 @@ class SV3D(nn.Module):
             if use_cfg:
                 D_u, D_c = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), c_emb, c_lat, pol, azi,
                                         aug).float().chunk(2)
-                D = D_u + scales.view(1, F, 1, 1, 1) * (D_c - D_u)  # [B, F, 4, h, w]
+                D = D_u + scales.view(1, F, 1, 1, 1) * (D_c - D_u)  # [B, F, C, h, w]
             else:
                 D = self.denoise(x, sigma, c_emb, c_lat, pol, azi, aug).float()
             x = sched.step(D, t, x).prev_sample.float()

@@ -1,4 +1,5 @@
-"""Training stages (LightningModules): stage 1 :class:`DecoderStage`, stage 2 :class:`DistillStage`.
+"""Training stages (LightningModules): stage 1 :class:`DecoderStage`, stage 2 :class:`DistillStage`, and
+:class:`SV3DStage` (fine-tuning SV3D's UNet with its EDM loss).
 
 Imported lazily (they pull in diffusers/peft through the models).
 """
@@ -6,6 +7,7 @@ Imported lazily (they pull in diffusers/peft through the models).
 _LAZY = {
     "DecoderStage": "gsv3d_pl.stages.decoder_stage",
     "DistillStage": "gsv3d_pl.stages.distill_stage",
+    "SV3DStage": "gsv3d_pl.stages.sv3d_stage",
     "load_decoder": "gsv3d_pl.stages.handoff",
     "decoder_record": "gsv3d_pl.stages.handoff",
     "L3DWeights": "gsv3d_pl.stages.losses",

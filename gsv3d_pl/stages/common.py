@@ -16,7 +16,7 @@ from gsv3d_pl.models.frozen import is_frozen
 from gsv3d_pl.stages.losses import NonFiniteLossError, check_finite
 
 __all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "check_dino",
-           "check_vae_factor"]
+           "check_vae_factor", "orbit_latents", "sv3d_conditioning", "sample_orbit"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,45 @@ def check_dino(dino: nn.Module | None, decoder: nn.Module, decoder_source: str) 
                          "model.init_args.dino is set: set model.init_args.dino: null")
     if dino is not None and getattr(dino, "embed_dim", dino_dim) != dino_dim:
         raise ValueError(f"DINO embed_dim {dino.embed_dim} != the decoder's dino_dim {dino_dim} ({decoder_source})")
+
+
+# ---- SV3D's inputs (both stages that train SV3D: distill and sv3d) ------------------------------------------
+@torch.no_grad()
+def orbit_latents(vae: nn.Module, batch: dict) -> Tensor:
+    """z0: scaled latents of the 21 orbit frames (target views 0..20), [B, 21, C, h, w]; the datamodule's cached
+    ``target_latents`` when present, else encoded here."""
+    from gsv3d_pl.orbit import NUM_FRAMES
+
+    if "target_latents" in batch:
+        return batch["target_latents"][:, :NUM_FRAMES].float()
+    imgs = batch["target_images"][:, :NUM_FRAMES].float()  # [B, 21, 3, H, W]
+    lat = vae.encode(imgs.flatten(0, 1))  # [B*21, C, h, w]
+    return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
+
+
+@torch.no_grad()
+def sv3d_conditioning(vae: nn.Module, clip: nn.Module, batch: dict, cond_aug: Tensor) -> dict[str, Tensor]:
+    """SV3D's conditioning of the input view (``cond_image`` [B, 3, H, W], orbit frame INPUT_FRAME).
+
+    cond_aug: [B] noise-augmentation std of the conditioning image (also fed to the UNet).
+    Returns clip_emb [B, 1, D], cond_latent [B, C, h, w] (unscaled), cond_aug [B], polars / azimuths [B, 21].
+    """
+    img = batch["cond_image"].float()
+    return {
+        "clip_emb": clip(img).float(),
+        "cond_latent": vae.encode_cond(img, cond_aug).float(),
+        "cond_aug": cond_aug,
+        "polars": batch["orbit_polars_rad"].float(),
+        "azimuths": batch["orbit_azimuths_rad"].float(),
+    }
+
+
+@torch.no_grad()
+def sample_orbit(sv3d: nn.Module, c: dict[str, Tensor], num_steps: int, seed: int) -> Tensor:
+    """SV3D's sampler on conditioning ``c`` (:func:`sv3d_conditioning`) with a fixed seed: [B, 21, C, h, w]."""
+    g = torch.Generator(device=c["cond_latent"].device).manual_seed(seed)
+    return sv3d.sample(c["clip_emb"], c["cond_latent"], c["polars"], c["azimuths"], c["cond_aug"],
+                       num_steps=num_steps, generator=g, progress=False).float()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:

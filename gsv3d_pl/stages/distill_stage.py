@@ -30,7 +30,10 @@ from gsv3d_pl.stages.common import (
     check_vae_factor,
     gather_views,
     novel_view_indices,
+    orbit_latents,
+    sample_orbit,
     sample_view_subset,
+    sv3d_conditioning,
 )
 from gsv3d_pl.stages.handoff import DECODER_CKPT_KEY, load_decoder
 from gsv3d_pl.stages.heldout import per_image_psnr
@@ -190,27 +193,16 @@ class DistillStage(StageBase):
     @torch.no_grad()
     def orbit_latents(self, batch: MultiViewBatch) -> Tensor:
         """z_gt: scaled latents of the 21 orbit frames (target views 0..20), [B, 21, 4, h, w]."""
-        if "target_latents" in batch:
-            return batch["target_latents"][:, :NUM_FRAMES].float()
-        imgs = batch["target_images"][:, :NUM_FRAMES].float()  # [B, 21, 3, H, W]
-        lat = self.vae.encode(imgs.flatten(0, 1))  # [B*21, 4, h, w]
-        return lat.reshape(*imgs.shape[:2], *lat.shape[1:]).float()
+        return orbit_latents(self.vae, batch)
 
     @torch.no_grad()
     def conditioning(self, batch: MultiViewBatch) -> dict[str, Tensor | None]:
         """SV3D's and the decoder's conditioning of the input view R (cond_image [B, 3, H, W] = orbit frame
         ``INPUT_FRAME``)."""
         img = batch["cond_image"].float()
-        B = img.shape[0]
-        cond_aug = torch.full((B,), self.cond_aug, device=img.device)  # [B]
-        return {
-            "clip_emb": self.clip(img).float(),  # [B, 1, D]
-            "cond_latent": self.vae.encode_cond(img, cond_aug).float(),  # [B, 4, h, w], unscaled
-            "cond_aug": cond_aug,
-            "dino": None if self.dino is None else self.dino(img).float(),  # [B, T, C]
-            "polars": batch["orbit_polars_rad"].float(),  # [B, 21]
-            "azimuths": batch["orbit_azimuths_rad"].float(),  # [B, 21]
-        }
+        cond_aug = torch.full((img.shape[0],), self.cond_aug, device=img.device)  # [B]
+        return {**sv3d_conditioning(self.vae, self.clip, batch, cond_aug),
+                "dino": None if self.dino is None else self.dino(img).float()}  # dino [B, T, C]
 
     def pick_frames(self, batch: MultiViewBatch) -> Tensor:
         """Orbit frames of D fed to the decoder, [B, N] long."""
@@ -279,10 +271,8 @@ class DistillStage(StageBase):
     def generate_orbit(self, batch: MultiViewBatch, c: dict | None = None, seed: int = 0) -> Tensor:
         """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w] (deterministic seed)."""
         c = self.conditioning(batch) if c is None else c
-        g = torch.Generator(device=self.device).manual_seed(seed)
         with self.autocast():
-            return self.sv3d.sample(c["clip_emb"], c["cond_latent"], c["polars"], c["azimuths"], c["cond_aug"],
-                                    num_steps=self.val_sample_steps, generator=g, progress=False).float()
+            return sample_orbit(self.sv3d, c, self.val_sample_steps, seed)
 
     @torch.no_grad()
     def evaluate_novel_views(self, batch: MultiViewBatch, seed: int = 0) -> NovelViews:
