@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _fov_deg(cams) -> float:
 @torch.no_grad()
 def write_prediction(pred: Prediction, out_dir: str | os.PathLike, turntable_frames: int = 60, fps: int = 24,
                      render_size: int | None = None, video_format: str = "mp4", background: float = 1.0,
-                     overwrite: bool = True, backend: str = "auto") -> dict[str, Path]:
+                     overwrite: bool = True, backend: str = "auto", mesh=None) -> dict[str, Path]:
     """Write one prediction's files into ``out_dir``, atomically (all or nothing).
 
     Files:
@@ -56,7 +57,9 @@ def write_prediction(pred: Prediction, out_dir: str | os.PathLike, turntable_fra
         ``video_format="gif"``; a 360° orbit at the input elevation, ``turntable_frames`` frames),
         ``views.png`` (the 21 SV3D frames decoded by the VAE, 7 per row, frame 20 = input last),
         ``renders.png`` / ``depth.png`` (the Gaussians rendered at the same 21 cameras: colour, and
-        colourised depth: red near, blue far), ``input.png`` (the preprocessed input).
+        colourised depth: red near, blue far), ``input.png`` (the preprocessed input); with ``mesh`` (an
+        :class:`gsv3d_pl.export.ExportSettings`) also ``mesh.glb``, the textured mesh of the Gaussians
+        (:func:`gsv3d_pl.export.export_mesh`, docs/export.md).
     Returns:
         name -> final path of each file.
     """
@@ -88,4 +91,12 @@ def write_prediction(pred: Prediction, out_dir: str | os.PathLike, turntable_fra
         viz.save_image(viz.make_grid(viz.colorize_depth(depth, alpha), nrow=_GRID_ROW), tmp / "depth.png")
         video = viz.save_video(frames, tmp / f"turntable.{video_format}", fps=fps)
         names = ["gaussians.ply", "input.png", "views.png", "renders.png", "depth.png", video.name]
+        if mesh is not None:
+            from gsv3d_pl.export import NoSurfaceError, export_mesh
+
+            try:
+                export_mesh(gs.detach().to("cpu"), tmp / "mesh.glb", mesh)
+                names.append("mesh.glb")
+            except NoSurfaceError as e:  # the prediction itself is still worth keeping
+                print(f"warning: {out_dir}: no mesh.glb: {e} (--mesh-iso)", file=sys.stderr)
     return {Path(n).stem: out_dir / n for n in names}

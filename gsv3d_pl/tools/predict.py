@@ -6,7 +6,8 @@
     gsv3d predict --config CFG --ckpt_path C --prompt "a red teapot" --t2i_pipeline /path/to/sd-pipeline
 
 Each output folder holds gaussians.ply, turntable.mp4 (.gif without ffmpeg), views.png (the 21 SV3D frames),
-renders.png + depth.png (the Gaussians at those cameras) and input.png. Folders are written atomically:
+renders.png + depth.png (the Gaussians at those cameras) and input.png; with ``--mesh`` also mesh.glb, a textured
+mesh (``--mesh-faces``, ``--mesh-texture-size``, ...: the flags of ``gsv3d export-mesh``, docs/export.md). Folders are written atomically:
 a failure leaves nothing behind. Input images are validated before the model is built, so bad input fails
 in a second.
 
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model CPU offload: keep every big module on the CPU and move each to the GPU only while "
                         "it runs (CLIP + VAE encode, SV3D sampling, VAE decode, DINO + decoder); lowers the peak "
                         "GPU memory to the largest single step (README 'Memory'). A no-op on CPU")
+    p.add_argument("--mesh", action="store_true",
+                   help="also write mesh.glb, a textured mesh of the Gaussians (gsv3d export-mesh; docs/export.md)")
+    from gsv3d_pl.tools.export_mesh import add_export_flags
+
+    add_export_flags(p.add_argument_group("mesh export (with --mesh)"), prefix="mesh-")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -208,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.turntable_frames < 1:
         _err(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
         return 2
+    mesh_settings = None
+    if args.mesh:
+        from gsv3d_pl.tools.export_mesh import settings_from_args
+
+        mesh_settings = settings_from_args(args, prefix="mesh-")
+        try:
+            mesh_settings.check()
+        except ValueError as e:
+            _err(str(e).replace("--", "--mesh-", 1))
+            return 2
     device, dtype, msg = _device_and_dtype(args)
     if msg:
         _err(msg)
@@ -350,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = pipe(image, alpha, elevation_deg=args.elevation, seed=args.seed, progress=not args.quiet)
             files = write_prediction(pred, out_dir, args.turntable_frames, args.fps, args.render_size,
                                      args.video_format, background=pipe.background, overwrite=args.overwrite,
-                                     backend=getattr(stage, "render_backend", "auto"))
+                                     backend=getattr(stage, "render_backend", "auto"), mesh=mesh_settings)
         except ImageInputError as e:
             failures.append(str(e))
             _err(str(e))
