@@ -3,10 +3,11 @@
 The density is the geometry metrics' own (:func:`gsv3d_pl.metrics.occupancy.gaussian_density_grid`):
 ``d(x) = Σ_i o_i exp(-½ (x-μ_i)ᵀ Σ_i'⁻¹ (x-μ_i))``. Pixel-aligned Gaussians sit *on* the surface, so the voxels
 above the iso level form a shell about a Gaussian thick around the object, not a solid. Marching cubes on the
-raw density would therefore return two sheets (the shell's outside and its inside). As for the volume IoU, the
-shell is closed and its enclosed interior filled (:func:`gsv3d_pl.metrics.occupancy._close_and_fill`); interior
-voxels are then raised above the iso level, so only the outer sheet remains, still placed with sub-voxel accuracy
-by the density itself on the outside.
+raw density would therefore return two sheets (the shell's outside and its inside). As for the volume IoU, a
+shell is closed and its enclosed interior filled (:func:`gsv3d_pl.metrics.occupancy._close_and_fill`), here on a
+half-resolution grid with the IoU's wider filter (a thicker shell that does not leak); voxels deeper inside than
+``OUTSIDE_REACH`` are then raised above the iso level, so only the outer sheet remains, still placed with
+sub-voxel accuracy by the sharp density itself on the outside.
 """
 
 from __future__ import annotations
