@@ -304,8 +304,6 @@ class SV3D(nn.Module):
         if unet_preset == "tiny":
             if unet_path is not None:
                 raise ValueError("SV3D: unet_path is only read with unet_preset='pretrained'")
-            if latent_channels < 1:
-                raise ValueError(f"SV3D: latent_channels must be >= 1, got {latent_channels}")
             C = int(latent_channels)
             with tiny_init_seed(4):  # the base UNet is not in stage-2 checkpoints (LoRA only)
                 self.unet = SV3DUNet(**{**UNET_PRESETS["tiny"], "in_channels": 2 * C, "out_channels": C})
@@ -317,10 +315,9 @@ class SV3D(nn.Module):
             self.unet = SV3DUNet.from_pretrained(str(folder), variant=variant)
             have = (self.unet.config.in_channels, self.unet.config.out_channels)
             if have != (2 * latent_channels, latent_channels):
-                raise ValueError(
-                    f"SV3D: the UNet at {folder} has in/out channels {have}, but latent_channels={latent_channels} "
-                    f"wants {(2 * latent_channels, latent_channels)}: set model.init_args.sv3d.init_args.latent_channels "
-                    f"to {have[1]} (and use a VAE with that many latent channels)")
+                raise ValueError(f"SV3D: the UNet at {folder} has in/out channels {have}, not (2C, C) for "
+                                 f"latent_channels={latent_channels}: set model.init_args.sv3d.init_args.latent_channels "
+                                 f"to {have[1]}")
         a = self.unet.config.addition_time_embed_dim
         if self.unet.config.projection_class_embeddings_input_dim != 5 * a:
             raise ValueError(
