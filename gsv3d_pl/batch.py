@@ -66,7 +66,7 @@ BATCH_KEYS: dict[str, Key] = {
                             "per orbit frame", "DistillStage"),
     "orbit_azimuths_rad": Key(("B", str(NUM_FRAMES)), "float32", "SV3D's camera input: azimuth relative to the "
                               "input view", "DistillStage"),
-    "target_latents": Key(("B", "Q", "4", "h", "w"), "float32", "scaled VAE latents of the Q views, present when "
+    "target_latents": Key(("B", "Q", "C", "h", "w"), "float32", "scaled VAE latents of the Q views (C = 4 for SD's VAE), present when "
                           "the datamodule caches them (``set_latent_encoder``)", "both stages", optional=True),
 }
 

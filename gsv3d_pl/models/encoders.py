@@ -35,6 +35,7 @@ __all__ = [
     "DINOEncoder",
     "TINY_CLIP_MODEL",
     "TINY_VAE_CONFIG",
+    "autoencoder_downsample",
 ]
 
 _PRESETS = ("tiny", "pretrained")
@@ -99,7 +100,8 @@ TINY_VAE_CONFIG: dict = dict(
 _VAE_SOURCE = (
     "the SD image VAE in diffusers format (config.json + diffusion_pytorch_model.safetensors): "
     "`huggingface-cli download stabilityai/sd-vae-ft-mse` (SV3D uses this VAE, scaling 0.18215), "
-    "or the vae/ folder of chenguolin/sv3d-diffusers"
+    "or the vae/ folder of chenguolin/sv3d-diffusers; for the CPU miniature, train one: "
+    "`gsv3d fit --config configs/vae/mini.yaml` writes runs/vae_mini/vae"
 )
 
 
@@ -128,6 +130,30 @@ def _zero_residual_branches(vae: nn.Module) -> None:
             nn.init.zeros_(mod.bias)
 
 
+def autoencoder_downsample(model: nn.Module) -> int:
+    """Image pixels per latent pixel of an AutoencoderKL (2^(blocks − 1)) or a PatchAutoencoder (patch_size)."""
+    cfg = model.config
+    if "patch_size" in cfg:
+        return int(cfg["patch_size"])
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
+def _autoencoder_class(folder) -> type:
+    """The class a diffusers VAE folder was saved from (``_class_name`` in its config.json)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    from gsv3d_pl.models.patch_vae import PatchAutoencoder
+
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    classes = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder}
+    if name not in classes:
+        raise ValueError(f"VAE: {Path(folder) / 'config.json'} is a {name!r}; supported: {sorted(classes)}")
+    return classes[name]
+
+
 class VAE(FrozenModule):
     """Frozen SD image VAE (diffusers ``AutoencoderKL``), SV3D's latent space.
 
@@ -140,9 +166,11 @@ class VAE(FrozenModule):
     Args:
         preset: "tiny" (random init, :data:`TINY_VAE_CONFIG`) or "pretrained" (a diffusers folder).
         path: the folder for "pretrained"; default: the HF cache of stabilityai/sd-vae-ft-mse.
-        scaling_factor: latent scale; None = the preset's: 0.18215 (SD VAE) for "pretrained", 4.0 for
-            "tiny" (its unscaled latents have std ≈ 0.25), so that scaled latents have roughly unit std
-            as EDM's sigma_data = 1 assumes.
+        scaling_factor: latent scale; None = the preset's: for "pretrained" the folder's
+            ``config.json`` ``scaling_factor`` (SD's VAE: 0.18215; a VAE trained by
+            :class:`~gsv3d_pl.stages.vae_stage.VAEStage`: 1 / its latent std), 4.0 for "tiny" (its unscaled
+            latents have std ≈ 0.25), so that scaled latents have roughly unit std as EDM's sigma_data = 1
+            assumes.
         chunk_size: images per VAE call in encode/decode (bounds memory at 576²).
     """
 
@@ -168,12 +196,12 @@ class VAE(FrozenModule):
             folder = resolve(spec)
             require_files(folder, spec, ["config.json"],
                           ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
-            self.vae = AutoencoderKL.from_pretrained(str(folder))
-        if scaling_factor is None:
-            scaling_factor = 4.0 if preset == "tiny" else 0.18215
+            self.vae = _autoencoder_class(folder).from_pretrained(str(folder))
+        if scaling_factor is None:  # a diffusers folder records its own (SD's config.json: 0.18215)
+            scaling_factor = 4.0 if preset == "tiny" else getattr(self.vae.config, "scaling_factor", 0.18215)
         self.scaling_factor = float(scaling_factor)
         self.chunk_size = int(chunk_size)
-        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.downsample = autoencoder_downsample(self.vae)
         freeze(self)
 
     def _key_extra(self) -> object:
@@ -190,11 +218,12 @@ class VAE(FrozenModule):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, H/8, W/8] (posterior mode × scaling_factor)."""
+        """images [B, 3, H, W] in [0, 1] -> scaled latents [B, C, H/f, W/f] (posterior mode × scaling_factor; SD: C = 4,
+        f = 8 = ``self.downsample``)."""
         self._check_images(images, "encode")
         dt = self.vae.dtype
         out = [self.vae.encode((2 * x - 1).to(dt)).latent_dist.mode() for x in self._chunks(images)]
-        return (torch.cat(out) * self.scaling_factor).float()  # [B, 4, h, w]
+        return (torch.cat(out) * self.scaling_factor).float()  # [B, C, h, w]
 
     @torch.no_grad()
     def encode_cond(self, images: Tensor, cond_aug: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -204,7 +233,7 @@ class VAE(FrozenModule):
             images: [B, 3, H, W] in [0, 1].
             cond_aug: scalar or [B] noise-augmentation std (SV3D inference: 1e-5).
         Returns:
-            [B, 4, H/8, W/8] unscaled latents.
+            [B, C, H/f, W/f] unscaled latents.
         """
         self._check_images(images, "encode_cond")
         B = images.shape[0]
@@ -214,13 +243,13 @@ class VAE(FrozenModule):
         x = 2 * images.float() - 1 + aug.view(B, 1, 1, 1) * noise
         dt = self.vae.dtype
         out = [self.vae.encode(c.to(dt)).latent_dist.mode() for c in self._chunks(x)]
-        return torch.cat(out).float()  # [B, 4, h, w]
+        return torch.cat(out).float()  # [B, C, h, w]
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [0, 1]."""
+        """Scaled latents [B, C, h, w] -> images [B, 3, f·h, f·w] in [0, 1]."""
         if latents.ndim != 4:
-            raise ValueError(f"VAE.decode: latents must be [B, 4, h, w], got {tuple(latents.shape)}")
+            raise ValueError(f"VAE.decode: latents must be [B, C, h, w], got {tuple(latents.shape)}")
         dt = self.vae.dtype
         out = [self.vae.decode((z / self.scaling_factor).to(dt)).sample for z in self._chunks(latents)]
         return ((torch.cat(out).float() + 1) / 2).clamp(0, 1)  # [B, 3, H, W]

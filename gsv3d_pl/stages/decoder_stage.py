@@ -26,6 +26,7 @@ from gsv3d_pl.stages.common import (
     novel_view_indices,
     sample_view_subset,
 )
+from gsv3d_pl.stages.ema import WeightEMA
 from gsv3d_pl.stages.handoff import decoder_record
 from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
@@ -78,7 +79,12 @@ class DecoderStage(StageBase):
         decoder: the GS decoder (trained): any module with ``forward(latents, c2w, K, dino_tokens) -> Gaussians``,
             a ``dino_dim`` attribute and its constructor arguments in ``config`` (see docs/extending.md). The
             checkpoint records its class and arguments, so stage 2 and predict rebuild it from the file alone.
-        lambda_rgb, lambda_depth, lambda_lpips: L_3D weights; depth_loss_on: "all" | "foreground".
+        lambda_rgb, lambda_depth, lambda_lpips, lambda_alpha: L_3D weights; depth_loss_on: "all" | "foreground"
+            (:mod:`gsv3d_pl.stages.losses`).
+        supervise_input_views: False = the ``views_per_step`` supervised views are drawn from the non-input views
+            only (the inputs are what the decoder reads; supervising them rewards copying). True = from all Q.
+        ema_decay: keep an exponential moving average of the decoder's weights (e.g. 0.99); evaluation, the
+            held-out evaluation and the checkpoint's decoder (stage 2, predict) then use it. None = off.
         lr, weight_decay, betas: AdamW; warmup_steps then cosine to ``min_lr_ratio · lr`` at the last step
             (``trainer.estimated_stepping_batches``).
         render_chunk_views: views per rasterizer call (None = all Q at once); memory is that of one chunk.
@@ -106,6 +112,9 @@ class DecoderStage(StageBase):
         lambda_depth: float = 1.0,
         depth_loss_on: str = "all",
         lambda_lpips: float = 0.0,
+        lambda_alpha: float = 0.0,
+        supervise_input_views: bool = True,
+        ema_decay: float | None = None,
         lr: float = 4e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -128,7 +137,13 @@ class DecoderStage(StageBase):
         check_dino(dino, decoder, "model.init_args.decoder.init_args.dino_dim")
         check_vae_factor(vae, decoder, "model.init_args.decoder.init_args.vae_factor")
         self._decoder_record = decoder_record(decoder)  # fails here, at start, for a decoder stage 2 could not rebuild
-        self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on)
+        self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on, lambda_alpha)
+        self.supervise_input_views = bool(supervise_input_views)
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        self.ema_decay = ema_decay
+        # EMA of the decoder's weights: evaluation, the held-out eval and the stage-2 hand-off use it.
+        self.decoder_ema = WeightEMA(decoder, ema_decay) if ema_decay is not None else None
         self.lpips = freeze(_LPIPS()) if lambda_lpips > 0 else None
         self.views_per_step = views_per_step
         self.use_latent_cache = use_latent_cache
@@ -159,8 +174,10 @@ class DecoderStage(StageBase):
 
     def forward(self, latents: Tensor, c2w: Tensor, K: Tensor, dino_tokens: Tensor | None = None):
         """latents [B, N, 4, h, w], c2w [B, N, 4, 4], K [B, N, 3, 3] (full-res), tokens [B, T, C] -> Gaussians [B]."""
+        # Evaluation uses the weight average when there is one (training always uses the live weights).
+        net = self.decoder_ema.module if self.decoder_ema is not None and not self.training else self.decoder
         with self.autocast():
-            return self.decoder(latents, c2w, K, dino_tokens)
+            return net(latents, c2w, K, dino_tokens)
 
     def predict_gaussians(self, batch: MultiViewBatch):
         """Gaussians (batch [B]) of a multi-view batch (keys: :data:`gsv3d_pl.batch.BATCH_KEYS`)."""
@@ -178,7 +195,7 @@ class DecoderStage(StageBase):
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
         gaussians = self.predict_gaussians(batch)
         B, Q = batch["target_images"].shape[:2]
-        sub = sample_view_subset(B, Q, self.views_per_step, self.device)  # [B, k] or None (all Q views)
+        sub = self.supervised_views(batch)  # [B, k] or None (all Q views)
         c2w, K, rgb, alpha, depth = self._targets(batch, sub)
         loss, terms = render_loss(
             gaussians, c2w, K, rgb, alpha, depth, self.loss_weights, background=self.background,
@@ -192,6 +209,22 @@ class DecoderStage(StageBase):
         self.log("train/psnr", -10 * torch.log10(terms["rgb"].mean().clamp_min(1e-10)), prog_bar=True, batch_size=B)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else self.lr, batch_size=B)
         return loss
+
+    def supervised_views(self, batch: MultiViewBatch) -> Tensor | None:
+        """The views rendered and supervised this step, [B, k] (None = all Q)."""
+        B, Q = batch["target_images"].shape[:2]
+        if self.supervise_input_views:
+            return sample_view_subset(B, Q, self.views_per_step, self.device)
+        novel = novel_view_indices(batch["input_indices"].to(self.device), Q)  # [B, V]
+        sub = sample_view_subset(B, novel.shape[1], self.views_per_step, self.device)  # [B, k] or None
+        return novel if sub is None else gather_views(novel, sub)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Here rather than in on_train_batch_end: ModelCheckpoint saves in its own on_train_batch_end, which runs
+        # first, so a checkpoint would hold the average one step behind the weights.
+        super().optimizer_step(*args, **kwargs)
+        if self.decoder_ema is not None:
+            self.decoder_ema.update(self.decoder)
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,6 +261,8 @@ class DecoderStage(StageBase):
     # ---- checkpoints / end of fit ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.decoder_ema is not None:  # load_decoder hands these weights to stage 2 and predict
+            checkpoint["ema"] = self.decoder_ema.state()
         # The hand-off to stage 2 and predict (gsv3d_pl.stages.handoff): the decoder's class and init args, and
         # the identities of the frozen encoders (stage 2 refuses a decoder trained on another VAE's latents).
         checkpoint["gsv3d"] = {
@@ -237,6 +272,14 @@ class DecoderStage(StageBase):
             "dino_fingerprint": fingerprint(self.dino),
             "dino_dim": getattr(self.decoder, "dino_dim", None),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.decoder_ema is not None:
+            if "ema" not in checkpoint:
+                raise ValueError("model.init_args.ema_decay is set but the checkpoint holds no EMA weights: it was "
+                                 "trained without EMA; resume with ema_decay: null or start a new run")
+            self.decoder_ema.load_state(checkpoint["ema"])
 
     def on_fit_end(self) -> None:
         if not self.heldout_eval or self.trainer.sanity_checking or self.trainer.global_rank != 0:

@@ -6,7 +6,8 @@ A stage-1 checkpoint's ``checkpoint["gsv3d"]`` records::
      "decoder": {"class_path": "gsv3d_pl.models.gs_decoder.GSDecoder", "init_args": {...}},
      "vae_key": "...", "dino_fingerprint": "..." | None, "dino_dim": 64 | None}
 
-and its ``state_dict`` holds the decoder's weights under ``decoder.*``. :func:`load_decoder` rebuilds the
+and its ``state_dict`` holds the decoder's weights under ``decoder.*`` (with ``ema_decay`` set, the weight
+average under ``checkpoint["ema"]`` is handed on instead: it is what stage 1 evaluated). :func:`load_decoder` rebuilds the
 decoder from that alone, so a distill config names only ``decoder_ckpt`` and cannot disagree with stage 1.
 
 A decoder records its constructor arguments in ``decoder.config`` (diffusers' ``ConfigMixin`` with
@@ -95,6 +96,8 @@ def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} does not record its decoder's class and init args (a "
                          "checkpoint from an older version of this project); retrain stage 1 with this version")
     weights = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    if isinstance(ckpt.get("ema"), dict):  # stage 1 kept a weight average: it is what was evaluated
+        weights = dict(ckpt["ema"]["weights"])
     if not weights:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
     decoder = build_decoder(record, repr(path))

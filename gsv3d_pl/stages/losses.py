@@ -1,6 +1,6 @@
 """The 3D reconstruction loss L_3D shared by both stages, with chunked rendering.
 
-``L_3D = λ_rgb · MSE(rgb) + λ_depth · MSE(depth) [+ λ_lpips · LPIPS(rgb)]``, each MSE averaged over
+``L_3D = λ_rgb · MSE(rgb) + λ_depth · MSE(depth) [+ λ_alpha · MSE(alpha) + λ_lpips · LPIPS(rgb)]``, each MSE averaged over
 pixels and views (the paper averages over the P·Q renders). Which pixels the depth term covers is the
 ``depth_loss_on`` switch:
 
@@ -10,7 +10,9 @@ pixels and views (the paper averages over the P·Q renders). Which pixels the de
   pixels this pushes the predicted coverage to zero; on opaque pixels it is the ED error. Comparing the
   *normalised* ED on background instead would pull faint Gaussians' depth to 0, a meaningless target.
 - ``"foreground"``: only pixels whose ground-truth alpha is > 0.5, comparing ED with the GT depth and
-  averaging over those pixels (per view; views without foreground contribute 0).
+  averaging over those pixels (per view; views without foreground contribute 0). Background pixels then get
+  no depth gradient, so LGM and DiffSplat pair it with an alpha term (``lambda_alpha``: MSE of the rendered
+  alpha against the GT mask), which is what keeps the background empty.
 
 Memory: rendering Q views at once keeps every view's rasterizer intermediates alive until backward.
 :func:`render_loss` renders ``chunk`` views at a time; when gradients are needed it back-propagates
@@ -58,11 +60,12 @@ class L3DWeights:
     lambda_depth: float = 1.0
     lambda_lpips: float = 0.0
     depth_loss_on: str = "all"
+    lambda_alpha: float = 0.0  # MSE of the rendered alpha against the GT mask (LGM, DiffSplat); 0 = off (paper)
 
     def __post_init__(self):
         if self.depth_loss_on not in DEPTH_MODES:
             raise ValueError(f"depth_loss_on must be one of {DEPTH_MODES}, got {self.depth_loss_on!r}")
-        for k in ("lambda_rgb", "lambda_depth", "lambda_lpips"):
+        for k in ("lambda_rgb", "lambda_depth", "lambda_lpips", "lambda_alpha"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
 
@@ -98,7 +101,7 @@ def view_losses(
             [B, V, 1, H, W] planar depth in world units (GT 0 off-surface, prediction = expected depth).
         lpips_fn: images [M, 3, H, W] x2 in [0, 1] -> [M] distances; used when ``weights.lambda_lpips > 0``.
     Returns:
-        {"rgb": [B], "depth": [B], ["lpips": [B]], "l3d": [B]} where l3d is the weighted sum.
+        {"rgb": [B], "depth": [B], ["alpha": [B]], ["lpips": [B]], "l3d": [B]} where l3d is the weighted sum.
     """
     terms: dict[str, Tensor] = {}
     terms["rgb"] = (rgb - gt_rgb).square().mean(dim=(1, 2, 3, 4))  # [B]
@@ -109,6 +112,9 @@ def view_losses(
         per_view = ((depth - gt_depth).square() * mask).sum(dim=(2, 3, 4)) / mask.sum(dim=(2, 3, 4)).clamp_min(1)
         terms["depth"] = per_view.mean(dim=1)  # [B]
     l3d = weights.lambda_rgb * terms["rgb"] + weights.lambda_depth * terms["depth"]
+    if weights.lambda_alpha > 0:
+        terms["alpha"] = (alpha - gt_alpha).square().mean(dim=(1, 2, 3, 4))  # [B]
+        l3d = l3d + weights.lambda_alpha * terms["alpha"]
     if weights.lambda_lpips > 0:
         if lpips_fn is None:
             raise ValueError("lambda_lpips > 0 needs an LPIPS network (lpips_fn)")

@@ -268,9 +268,12 @@ class SV3DStage(StageBase):
         for lg in self.loggers:
             lg.log_hyperparams({"num_trainable_params": self.num_trainable_params})
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.trainable_parameters(), int(self.global_step))
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Here rather than in on_train_batch_end: ModelCheckpoint saves in its own on_train_batch_end, which runs
+        # first, so a checkpoint would hold the average one step behind the weights.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # global_step counts this step only after the hook returns: + 1
+            self.ema.update(self.trainable_parameters(), int(self.global_step) + 1)
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within: the trained parameters hold their EMA (a no-op without EMA)."""
