@@ -20,6 +20,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "predict": ("gsv3d_pl.tools.predict", "--image PATH|DIR or --prompt TEXT -> 3D Gaussians: .ply, turntable, views"),
     "report": ("gsv3d_pl.tools.report", "gather a sweep's metrics.json files into the paper's ablation table"),
     "export-mesh": ("gsv3d_pl.tools.export_mesh", "3DGS .ply -> textured mesh (.glb/.obj): iso-surface, UV atlas, baked texture"),
+    "app": ("gsv3d_pl.tools.app", "web app (gradio): upload an image -> orbit, turntable, 3D viewers, downloads"),
 }
 
 

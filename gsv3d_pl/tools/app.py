@@ -1,0 +1,147 @@
+"""``gsv3d app``: the image -> 3D web app (gradio) on a distill config + checkpoint.
+
+    gsv3d app --config configs/distill/tiny.yaml --ckpt_path runs/distill_tiny/checkpoints/last.ckpt \\
+        [--host 127.0.0.1] [--port 7860] [--outputs DIR] [--no-mesh]
+
+The model is built once, as ``gsv3d predict`` builds it (same ``--config``/``--ckpt_path``/``--device``/
+``--dtype``/``--offload``); each upload then runs preprocessing -> SV3D -> GS decoder -> outputs and shows the
+preprocessed input, the orbit, the turntable, the mesh and the Gaussians in 3D viewers, with downloads. Page
+and options: docs/app.md.
+
+Exit status: 0 after the server stops; 2 usage / config / weights errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+__all__ = ["main", "build_parser", "build_runner"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gsv3d app", description="Web app: image -> 3D Gaussians (gradio).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", action="append", required=True,
+                   help="a distill config (as for gsv3d predict); repeat to overlay files")
+    p.add_argument("--ckpt_path", default=None,
+                   help="DistillStage checkpoint (LoRA weights); omitted = SV3D without LoRA")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--outputs", default=None,
+                   help="folder for the results, one <image>-<id>/ per request (default: a temporary folder)")
+    p.add_argument("--num_steps", type=int, default=None, help="default of the sampling-steps slider "
+                                                                 "(default: the model's, 50)")
+    p.add_argument("--input_views", default=None, help="comma-separated orbit frames for the decoder")
+    p.add_argument("--resolution", type=int, default=None, help="model resolution (default: the config's data)")
+    p.add_argument("--foreground_ratio", type=float, default=None, help="object size / frame size (default 0.85)")
+    p.add_argument("--turntable_frames", type=int, default=60)
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
+    p.add_argument("--render_size", type=int, default=None, help="turntable/render size (default: the resolution)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="weight dtype, as gsv3d predict --dtype (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--offload", action="store_true", help="model CPU offload on CUDA, as gsv3d predict --offload")
+    p.add_argument("--no-mesh", dest="mesh", action="store_false",
+                   help="do not offer the mesh.glb export (the page then shows only the Gaussians in 3D)")
+    from gsv3d_pl.tools.export_mesh import add_export_flags
+
+    add_export_flags(p.add_argument_group("mesh export (the .glb; flags of gsv3d export-mesh)"), prefix="mesh-")
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def build_runner(args):
+    """The :class:`~gsv3d_pl.app.AppRunner` of parsed ``args``: the model as ``gsv3d predict`` loads it.
+
+    Raises ValueError / FileNotFoundError / MissingWeightsError with ``gsv3d predict``'s messages.
+    """
+    from gsv3d_pl.app import AppRunner
+    from gsv3d_pl.inference import ImageTo3D
+    from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
+    from gsv3d_pl.tools.predict import _device_and_dtype, load_checkpoint, load_stage
+
+    if args.turntable_frames < 1:
+        raise ValueError(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
+    mesh = None
+    if args.mesh:
+        from gsv3d_pl.tools.export_mesh import settings_from_args
+
+        mesh = settings_from_args(args, prefix="mesh-")
+        try:
+            mesh.check()
+        except ValueError as e:
+            raise ValueError(str(e).replace("--", "--mesh-", 1)) from None
+    device, dtype, msg = _device_and_dtype(args)
+    if msg:
+        raise ValueError(msg)
+    kw = {}
+    if args.input_views:
+        try:
+            kw["input_indices"] = [int(v) for v in args.input_views.split(",")]
+        except ValueError:
+            raise ValueError(f"--input_views must be comma-separated integers, got {args.input_views!r}") from None
+    stage, settings = load_stage(args.config)
+    if getattr(stage, "sv3d", None) is None:
+        raise ValueError(f"--config {' '.join(args.config)} builds a {type(stage).__name__} without SV3D: the app "
+                         "needs a distill config (e.g. configs/distill/tiny.yaml)")
+    if args.ckpt_path:
+        load_checkpoint(stage, args.ckpt_path)
+    else:
+        print("note: no --ckpt_path: SV3D runs without distilled LoRA weights", file=sys.stderr)
+    offload = args.offload and device.type == "cuda"
+    stage = (stage if offload else stage.to(device)).eval()
+    resolution = int(args.resolution or settings.get("resolution") or 0)
+    if resolution <= 0:
+        raise ValueError("the config has no data.init_args.resolution; pass --resolution")
+    kw.update(radius=float(settings.get("radius", DEFAULT_RADIUS)), fov_deg=float(settings.get("fov_deg", FOV_DEG)))
+    # The decoder's frames, chosen as gsv3d predict chooses them.
+    if "input_indices" not in kw and getattr(stage, "num_input_views", None) is None:
+        if settings.get("eval_input_indices"):
+            kw["input_indices"] = list(settings["eval_input_indices"])
+        elif settings.get("num_input_views"):
+            kw["num_input_views"] = int(settings["num_input_views"])
+    pipe = ImageTo3D.from_stage(stage, num_steps=args.num_steps, dtype=dtype, device=device, offload=offload, **kw)
+    outputs = args.outputs or tempfile.mkdtemp(prefix="gsv3d-app-")
+    return AppRunner(pipe, resolution, outputs, foreground_ratio=args.foreground_ratio,
+                     turntable_frames=args.turntable_frames, fps=args.fps, render_size=args.render_size,
+                     video_format=args.video_format, mesh=mesh, backend=getattr(stage, "render_backend", "auto"),
+                     num_steps=args.num_steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gsv3d_pl.weights import MissingWeightsError
+
+    t0 = time.perf_counter()
+    try:
+        runner = build_runner(args)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as e:
+        _err(str(e))
+        return 2
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check: works offline
+    import gradio as gr
+
+    from gsv3d_pl.app import build_demo
+
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s on {runner.pipe.device}; results go to "
+          f"{runner.outputs}", file=sys.stderr, flush=True)
+    demo = build_demo(runner)
+    # System fonts: the default theme would fetch Google fonts, and the app must work offline.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=False, theme=theme, allowed_paths=[str(runner.outputs)],
+        show_error=True, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
