@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from gsv3d_pl.batch import MultiViewBatch, NovelViews
-from gsv3d_pl.io import atomic_dir
+from gsv3d_pl.io import atomic_dir, write_json_atomic
 from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
 from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
@@ -63,6 +63,10 @@ class DistillStage(StageBase):
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW + warmup + cosine over the LoRA parameters.
         val_sample_steps: Euler-EDM steps of the validation sampler (generated orbit -> decoder -> novel views).
         render_chunk_views, views_per_step, background, render_backend, use_latent_cache: as in DecoderStage.
+        heldout_e2e: at the end of fit, run :func:`~gsv3d_pl.stages.e2e.end_to_end_evaluation` on the test split
+            (image -> SV3D with and without the LoRA -> decoder -> novel views, against copying the input image
+            and the mean training image) and write ``<run>/heldout_e2e.json``.
+        heldout_max_objects: cap on the held-out objects scored (None = all); e2e_seed: the sampler's seed.
     """
 
     batch_keys = ("input_indices", "input_images", "cond_image", "target_images", "target_alphas",
@@ -97,6 +101,9 @@ class DistillStage(StageBase):
         background: float = 1.0,
         render_backend: str = "auto",
         use_latent_cache: bool = True,
+        heldout_e2e: bool = False,
+        heldout_max_objects: int | None = None,
+        e2e_seed: int = 0,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
@@ -134,6 +141,8 @@ class DistillStage(StageBase):
         self.val_sample_steps = int(val_sample_steps)
         self.views_per_step = views_per_step
         self.use_latent_cache = use_latent_cache
+        self.heldout_e2e, self.e2e_seed = bool(heldout_e2e), int(e2e_seed)
+        self.heldout_max_objects = heldout_max_objects
         # num_input_views is also a datamodule hparam (Lightning refuses differing duplicates): not logged here
         self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "num_input_views"])
 
@@ -332,3 +341,33 @@ class DistillStage(StageBase):
             return
         path = self.export_lora(os.path.join(self._root_dir(), "lora"))
         print(f"[distill] LoRA adapter ({self.num_lora_params:,} parameters) exported to {path}", flush=True)
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.heldout_e2e and dm is not None and hasattr(dm, "test_dataloader"):
+            self.run_e2e_eval(dm)
+
+    def run_e2e_eval(self, datamodule) -> dict:
+        """Image -> SV3D(+LoRA) -> decoder on the held-out objects, with and without the LoRA, against the
+        copy-the-input-image and mean-image baselines; print and write ``<run>/heldout_e2e.json``."""
+        from gsv3d_pl.stages.e2e import end_to_end_evaluation
+
+        datamodule.setup("test")
+        was_training = self.training
+        self.eval()
+        try:
+            res = end_to_end_evaluation(lambda b: self.evaluate_novel_views(b, seed=self.e2e_seed), self.sv3d.unet,
+                                        datamodule.test_dataloader(), datamodule.train_dataloader(), self.device,
+                                        self.heldout_max_objects)
+        finally:
+            self.train(was_training)
+        res.update(global_step=int(self.global_step), seed=self.e2e_seed, sample_steps=self.val_sample_steps)
+        path = os.path.join(self._root_dir(), "heldout_e2e.json")
+        write_json_atomic(path, res)
+        print(f"[e2e eval] image -> SV3D -> decoder, {res['num_objects']} held-out objects, {res['num_views']} novel "
+              f"views at {res['resolution'][0]}x{res['resolution'][1]} (seed {self.e2e_seed}):\n"
+              f"[e2e eval]   distilled (LoRA on)     PSNR {res['psnr']:.2f} dB  SSIM {res['ssim']:.4f}\n"
+              f"[e2e eval]   undistilled (LoRA off)  PSNR {res['undistilled_psnr']:.2f} dB  SSIM "
+              f"{res['undistilled_ssim']:.4f}\n"
+              f"[e2e eval]   copy the input image    PSNR {res['copy_input_psnr']:.2f} dB\n"
+              f"[e2e eval]   mean training image     PSNR {res['baseline_psnr']:.2f} dB\n"
+              f"[e2e eval] written to {path}", flush=True)
+        return res
