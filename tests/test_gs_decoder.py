@@ -193,3 +193,27 @@ def test_base_preset_on_meta_device():
     with torch.device("meta"):
         g = no_dino(torch.randn(1, 2, 4, 72, 72), cams.c2w[:2][None].to("meta"), cams.K[:2][None].to("meta"))
     assert g.means.shape == (1, no_dino.num_gaussians(2, 72, 72), 3) and g.means.is_meta
+
+
+def test_shuffle_skip_reads_each_sub_pixel_of_its_latent():
+    """latent_skip='shuffle': the skip path's output pixel (u, v) depends only on latent pixel (u//s, v//s), and a
+    change of the read-out for one sub-position changes only those output pixels' features."""
+    torch.manual_seed(0)
+    dec = GSDecoder.from_preset("tiny", latent_channels=8, upsample=2, vae_factor=4, latent_skip="shuffle")
+    z = torch.randn(3, 8, 16, 16)
+    up = dec.latent_up(z)  # [3, 8, 32, 32]
+    assert up.shape == (3, 8, 32, 32)
+    z2 = z.clone()
+    z2[:, :, 5, 7] += 1.0
+    diff = (dec.latent_up(z2) - up).abs().sum(dim=(0, 1))  # [32, 32]
+    changed = diff.nonzero().tolist()
+    assert changed and all(u // 2 == 5 and v // 2 == 7 for u, v in changed)
+    # Whole forward at the miniature's operating point: 16×16×8 latents of 64² views -> 32² Gaussians per view.
+    g = torch.Generator().manual_seed(1)
+    cams = random_cameras(4, radius_range=(1.6, 2.6), width=64, height=64, generator=g)
+    out = dec(torch.randn(1, 4, 8, 16, 16), cams.c2w[None], cams.K[None], torch.randn(1, 16, 64))
+    assert out.num_gaussians == 4 * 32 * 32 and torch.isfinite(out.means).all()
+    with pytest.raises(ValueError, match="latent_skip"):
+        GSDecoder.from_preset("tiny", latent_skip="nearest")
+    with pytest.raises(ValueError, match="upsample"):
+        GSDecoder.from_preset("tiny", upsample=1, patch_size=2, latent_skip="shuffle")

@@ -12,8 +12,8 @@ Architecture (Lyra / LGM / DiffSplat family; see ``docs/conventions.md`` for cam
    paper's "w/o DINO" ablation), then an MLP. Optional gradient checkpointing per block.
 3. **Head.** Tokens go back to a per-view grid and are upsampled by ``patch_size · upsample`` with
    conv + PixelShuffle(2) stages to the output grid H' = h·upsample. A skip path at the output
-   resolution (Plücker rays and bilinearly upsampled latents) is fused in, which gives the head exact
-   per-pixel ray information. A 1×1 conv emits 12 channels per pixel: depth 1, scale 3, opacity 1,
+   resolution (Plücker rays, and the latents bilinearly upsampled or read out per sub-pixel: ``latent_skip``)
+   is fused in, which gives the head exact per-pixel ray information. A 1×1 conv emits 12 channels per pixel: depth 1, scale 3, opacity 1,
    rotation 4, colour 3.
 4. **Gaussians.** Pixel-aligned on each view's rays through pixel centres (u+0.5, v+0.5) at H'×W':
    mean = o + t·d with t = near + (far − near)·sigmoid(x) (distance along the ray); by default
@@ -149,6 +149,9 @@ class GSDecoder(ModelMixin, ConfigMixin):
         depth_range: fixed (near, far) distances along the ray instead of ‖o‖ ± object_radius.
         scale_init_px: initial Gaussian scale in output pixels; scale_range_px: its clamp.
         gradient_checkpointing: recompute each transformer block in backward (saves activation memory).
+        latent_skip: how the output-resolution skip path sees the latents: "bilinear" (interpolated) or "shuffle"
+            (a learned 1×1 conv + PixelShuffle(upsample): each output pixel gets its own linear read-out of its
+            latent pixel, which is what a patch VAE's decoder does).
     """
 
     config_name = "config.json"
@@ -171,6 +174,7 @@ class GSDecoder(ModelMixin, ConfigMixin):
         scale_init_px: float = 0.7,
         scale_range_px: tuple[float, float] = (0.02, 32.0),
         gradient_checkpointing: bool = False,
+        latent_skip: str = "bilinear",
     ):
         super().__init__()
         total_up = patch_size * upsample
@@ -201,7 +205,19 @@ class GSDecoder(ModelMixin, ConfigMixin):
         chans = [dim] + [max(head_channels, dim // 2 ** (i + 1)) for i in range(n_up)]
         self.up = nn.Sequential(*(_UpStage(chans[i], chans[i + 1]) for i in range(n_up)))
         self.up_proj = nn.Conv2d(chans[-1], head_channels, 1)
-        # Output-resolution skip path: Plücker rays (6) + upsampled latents.
+        # Output-resolution skip path: Plücker rays (6) + the latents brought to the output grid.
+        if latent_skip not in ("bilinear", "shuffle"):
+            raise ValueError(f"GSDecoder: latent_skip must be 'bilinear' or 'shuffle', got {latent_skip!r}")
+        self.latent_skip = latent_skip
+        if latent_skip == "shuffle":
+            if upsample < 2 or upsample & (upsample - 1):
+                raise ValueError(f"GSDecoder: latent_skip='shuffle' needs upsample a power of two >= 2, got {upsample}")
+            # A learned sub-pixel read-out: each latent pixel -> its upsample² output pixels (the inverse of a
+            # patch encoder's pixel-unshuffle), instead of interpolating between neighbouring latents.
+            self.latent_up = nn.Sequential(nn.Conv2d(latent_channels, latent_channels * upsample**2, 1),
+                                           nn.PixelShuffle(upsample))
+        else:
+            self.latent_up = None
         self.skip = nn.Sequential(nn.Conv2d(6 + latent_channels, head_channels, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(head_channels, head_channels, 3, padding=1))
         self.fuse = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * head_channels, head_channels, 3, padding=1), nn.SiLU())
@@ -283,7 +299,10 @@ class GSDecoder(ModelMixin, ConfigMixin):
         K_out = K.clone()
         K_out[..., :2, :] *= s  # fx, fy, cx, cy scaled: pixel centres stay at u + 0.5 in the output grid
         rays_o = plucker_rays(c2w, K_out, Wo, Ho).flatten(0, 1).to(dt)  # [BN, 6, Ho, Wo]
-        z_up = F.interpolate(z, size=(Ho, Wo), mode="bilinear", align_corners=False)  # [BN, C, Ho, Wo]
+        if self.latent_up is not None:
+            z_up = self.latent_up(z)  # [BN, C, Ho, Wo]
+        else:
+            z_up = F.interpolate(z, size=(Ho, Wo), mode="bilinear", align_corners=False)  # [BN, C, Ho, Wo]
         f = self.fuse(torch.cat([f, self.skip(torch.cat([rays_o, z_up], dim=1))], dim=1))  # [BN, hc, Ho, Wo]
         out = self.head(f).float()  # [BN, 12, Ho, Wo]
         out = out.reshape(B, N, -1, Ho, Wo).permute(0, 1, 3, 4, 2).reshape(B, N * Ho * Wo, -1)  # [B, G, 12]

@@ -1,0 +1,66 @@
+"""The one table ``make demo`` ends with: baselines, decoder, undistilled and distilled pipeline, held-out.
+
+    python -m gsv3d_pl.tools.demo_table [--decoder runs/decoder_mini/heldout_eval.json]
+                                        [--e2e runs/distill_mini/heldout_e2e.json] [--vae runs/vae_mini/vae_eval.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _read(path: str, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"demo table: {p} not found ({what}); run `make demo` (or the stage that writes it) first")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"demo table: {p} is not valid JSON ({e}); rerun the stage that writes it") from e
+
+
+def rows(decoder: dict, e2e: dict, vae: dict | None = None) -> list[tuple[str, str, str, str]]:
+    """(what, task, PSNR, SSIM) rows; every number comes from the JSON files."""
+    f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    g = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    out = []
+    if vae:
+        out.append(("VAE reconstruction (its own input)", "autoencode", f(vae["psnr"]), "—"))
+    out += [
+        ("mean training image", "novel views", f(decoder["baseline_psnr"]), g(decoder.get("baseline_ssim"))),
+        ("nearest of the 4 GT input views", "4 views -> novel", f(decoder["nearest_input_psnr"]),
+         g(decoder.get("nearest_input_ssim"))),
+        ("GS decoder on the 4 GT input views", "4 views -> novel", f(decoder["psnr"]), g(decoder["ssim"])),
+        ("copy the input image", "1 image -> novel", f(e2e["copy_input_psnr"]), g(e2e.get("copy_input_ssim"))),
+        ("SV3D -> decoder, undistilled", "1 image -> novel", f(e2e["undistilled_psnr"]), g(e2e["undistilled_ssim"])),
+        ("SV3D+LoRA -> decoder, distilled", "1 image -> novel", f(e2e["psnr"]), g(e2e["ssim"])),
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--decoder", default="runs/decoder_mini/heldout_eval.json")
+    ap.add_argument("--e2e", default="runs/distill_mini/heldout_e2e.json")
+    ap.add_argument("--vae", default="runs/vae_mini/vae_eval.json")
+    a = ap.parse_args(argv)
+    dec, e2e = _read(a.decoder, "stage 1's held-out evaluation"), _read(a.e2e, "stage 2's end-to-end evaluation")
+    vae = _read(a.vae, "the VAE stage's evaluation") if Path(a.vae).is_file() else None
+    table = rows(dec, e2e, vae)
+    print(f"\nHeld-out toy objects ({e2e['num_objects']} objects, {e2e['num_views']} novel views at "
+          f"{e2e['resolution'][0]}x{e2e['resolution'][1]}):")
+    w = max(len(r[0]) for r in table)
+    print(f"  {'':<{w}}  {'task':<17} {'PSNR dB':>8} {'SSIM':>6}")
+    for r in table:
+        print(f"  {r[0]:<{w}}  {r[1]:<17} {r[2]:>8} {r[3]:>6}")
+    print(f"  decoder vs nearest input: {dec['psnr'] - dec['nearest_input_psnr']:+.2f} dB; distilled vs "
+          f"undistilled: {e2e['psnr'] - e2e['undistilled_psnr']:+.2f} dB; distilled vs mean image: "
+          f"{e2e['psnr'] - e2e['baseline_psnr']:+.2f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

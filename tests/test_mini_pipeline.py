@@ -1,0 +1,61 @@
+"""`make demo`'s chain on a small toy set: configs/{vae,sv3d,decoder,distill}/mini.yaml hand their outputs on
+(VAE folder -> SV3D UNet folder -> decoder checkpoint -> LoRA + heldout_e2e.json), and the demo table reads them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gsv3d_pl.tools import demo_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(config: str, root: Path, *extra: str) -> None:
+    data = ["--data.init_args.toy_objects=20", f"--data.init_args.cache_dir={root / 'cache'}",
+            "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.2",
+            "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2"]
+    short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+             "--trainer.enable_progress_bar=false"]
+    res = subprocess.run([sys.executable, "-m", "gsv3d_pl", "fit", "--config", f"configs/{config}",
+                          f"--trainer.default_root_dir={root / config.split('/')[0]}", *short, *data, *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{config}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_mini_chain_hands_off_and_reports(tmp_path, capsys):
+    vae = tmp_path / "vae" / "vae"
+    _fit("vae/mini.yaml", tmp_path)
+    assert (vae / "config.json").is_file()
+    enc = [f"--model.init_args.vae.init_args.path={vae}"]
+    _fit("sv3d/mini.yaml", tmp_path, *enc, "--model.init_args.val_sample_steps=2")
+    unet = tmp_path / "sv3d" / "unet"
+    assert (unet / "config.json").is_file()
+    _fit("decoder/mini.yaml", tmp_path, *enc)
+    dec = json.loads((tmp_path / "decoder" / "heldout_eval.json").read_text())
+    assert dec["resolution"] == [64, 64] and dec["nearest_input_psnr"] > dec["baseline_psnr"]
+    _fit("distill/mini.yaml", tmp_path, *enc, f"--model.init_args.sv3d.init_args.unet_path={unet}",
+         f"--model.init_args.decoder_ckpt={tmp_path / 'decoder' / 'checkpoints' / 'last.ckpt'}",
+         "--model.init_args.val_sample_steps=2")
+    e2e = json.loads((tmp_path / "distill" / "heldout_e2e.json").read_text())
+    for k in ("psnr", "ssim", "baseline_psnr", "copy_input_psnr", "undistilled_psnr", "num_objects"):
+        assert k in e2e, k
+    assert e2e["num_objects"] == dec["num_objects"] > 0
+    assert e2e["copy_input_psnr"] > e2e["baseline_psnr"]  # on the toys, the input image beats the mean image
+    assert demo_table.main(["--decoder", str(tmp_path / "decoder" / "heldout_eval.json"),
+                            "--e2e", str(tmp_path / "distill" / "heldout_e2e.json"),
+                            "--vae", str(tmp_path / "vae" / "vae_eval.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("nearest of the 4 GT input views", "copy the input image", "undistilled", "distilled"):
+        assert row in out
+    assert f"{e2e['undistilled_psnr']:.2f}" in out and f"{dec['psnr']:.2f}" in out
+
+
+def test_demo_table_names_a_missing_file(tmp_path):
+    with pytest.raises(SystemExit, match="heldout_eval.json not found"):
+        demo_table.main(["--decoder", str(tmp_path / "heldout_eval.json"), "--e2e", str(tmp_path / "e.json")])
