@@ -254,7 +254,7 @@ def test_end_to_end_evaluation_scores_lora_on_and_off_against_copying_the_input(
     assert res["psnr"] == pytest.approx(res["undistilled_psnr"], abs=1e-4)
     # copy_input_psnr is the input image scored as each novel view.
     batch = next(iter(dm.test_dataloader()))
-    Q, N = batch["target_images"].shape[1], batch["input_indices"].shape[1]
+    Q = batch["target_images"].shape[1]
     keep = [q for q in range(Q) if q not in batch["input_indices"][0].tolist()]
     want = per_image_psnr(batch["cond_image"][:1].expand(len(keep), -1, -1, -1), batch["target_images"][0, keep])
     got, _, _ = copy_input_scores(dm.test_dataloader(), max_objects=1)
