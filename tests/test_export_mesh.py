@@ -45,8 +45,9 @@ def _toy_gaussians(index: int, n: int) -> Gaussians:
     return gaussians_on_mesh(scene, n, seed=0)
 
 
-def _check_glb(path: Path, min_faces: int = 100) -> None:
-    """The file opens in trimesh as a mesh with faces, per-vertex UVs and an embedded, non-constant texture."""
+def _check_glb(path: Path, min_faces: int = 100, varied: bool = True) -> None:
+    """The file opens in trimesh as a mesh with faces, per-vertex UVs and an embedded texture, non-constant when
+    ``varied`` (an untrained tiny model's Gaussians are all sigmoid(0) grey, so its texture is flat)."""
     import trimesh
 
     mesh = trimesh.load(path, force="mesh")
@@ -54,7 +55,7 @@ def _check_glb(path: Path, min_faces: int = 100) -> None:
     assert mesh.visual.uv is not None and mesh.visual.uv.shape == (len(mesh.vertices), 2)
     assert 0.0 <= mesh.visual.uv.min() and mesh.visual.uv.max() <= 1.0
     tex = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"), dtype=np.float32)
-    assert tex.shape[0] >= 16 and tex.std() > 5.0
+    assert tex.shape[0] >= 16 and (tex.std() > 5.0 or not varied)
 
 
 def test_export_glb_and_obj_open_with_uvs_and_texture(tmp_path):
@@ -166,11 +167,11 @@ def test_predict_mesh_and_export_of_its_ply(demo, tmp_path, capsys):  # noqa: F8
     err = capsys.readouterr().err
     assert code == 0, err
     assert (out / "gaussians.ply").exists() and (out / "mesh.glb").exists(), err
-    _check_glb(out / "mesh.glb", min_faces=20)
+    _check_glb(out / "mesh.glb", min_faces=20, varied=False)
     # export-mesh on that prediction's .ply writes a .glb beside it
     assert tool.main([str(out / "gaussians.ply"), "--resolution", "48", "--faces", "2000", "--texture-size", "256",
                       "--bake-views", "6", "--bake-size", "128", "--iso", "0.05", "--quiet"]) == 0
-    _check_glb(out / "gaussians.glb", min_faces=20)
+    _check_glb(out / "gaussians.glb", min_faces=20, varied=False)
 
 
 def test_write_prediction_with_mesh_puts_mesh_glb_beside_the_ply(tmp_path):
