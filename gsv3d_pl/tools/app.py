@@ -66,28 +66,23 @@ def build_runner(args):
     from gsv3d_pl.app import AppRunner
     from gsv3d_pl.inference import ImageTo3D
     from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG
-    from gsv3d_pl.tools.predict import _device_and_dtype, load_checkpoint, load_stage
+    from gsv3d_pl.tools.predict import (
+        _device_and_dtype,
+        input_views_of,
+        load_checkpoint,
+        load_stage,
+        mesh_settings_of,
+    )
 
     if args.turntable_frames < 1:
         raise ValueError(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
-    mesh = None
-    if args.mesh:
-        from gsv3d_pl.tools.export_mesh import settings_from_args
-
-        mesh = settings_from_args(args, prefix="mesh-")
-        try:
-            mesh.check()
-        except ValueError as e:
-            raise ValueError(str(e).replace("--", "--mesh-", 1)) from None
+    mesh = mesh_settings_of(args)
     device, dtype, msg = _device_and_dtype(args)
     if msg:
         raise ValueError(msg)
     kw = {}
-    if args.input_views:
-        try:
-            kw["input_indices"] = [int(v) for v in args.input_views.split(",")]
-        except ValueError:
-            raise ValueError(f"--input_views must be comma-separated integers, got {args.input_views!r}") from None
+    if (views := input_views_of(args)) is not None:
+        kw["input_indices"] = views
     stage, settings = load_stage(args.config)
     if getattr(stage, "sv3d", None) is None:
         raise ValueError(f"--config {' '.join(args.config)} builds a {type(stage).__name__} without SV3D: the app "

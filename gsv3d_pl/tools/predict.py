@@ -109,6 +109,30 @@ def _device_and_dtype(args):
     return device, DTYPES[name], None
 
 
+def mesh_settings_of(args):
+    """The checked ``--mesh-*`` export settings, or None without ``--mesh``; ValueError names the flag."""
+    if not args.mesh:
+        return None
+    from gsv3d_pl.tools.export_mesh import settings_from_args
+
+    settings = settings_from_args(args, prefix="mesh-")
+    try:
+        settings.check()
+    except ValueError as e:
+        raise ValueError(str(e).replace("--", "--mesh-", 1)) from None
+    return settings
+
+
+def input_views_of(args) -> list[int] | None:
+    """``--input_views "0,5,10,15"`` as a list of orbit frames (None when not given); ValueError if malformed."""
+    if not args.input_views:
+        return None
+    try:
+        return [int(v) for v in args.input_views.split(",")]
+    except ValueError:
+        raise ValueError(f"--input_views must be comma-separated integers, got {args.input_views!r}") from None
+
+
 def _slug(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     return s[:max_len] or "prompt"
@@ -214,27 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.turntable_frames < 1:
         _err(f"--turntable_frames must be >= 1, got {args.turntable_frames}")
         return 2
-    mesh_settings = None
-    if args.mesh:
-        from gsv3d_pl.tools.export_mesh import settings_from_args
-
-        mesh_settings = settings_from_args(args, prefix="mesh-")
-        try:
-            mesh_settings.check()
-        except ValueError as e:
-            _err(str(e).replace("--", "--mesh-", 1))
-            return 2
+    try:
+        mesh_settings = mesh_settings_of(args)
+        input_views = input_views_of(args)
+    except ValueError as e:
+        _err(str(e))
+        return 2
     device, dtype, msg = _device_and_dtype(args)
     if msg:
         _err(msg)
         return 2
-    input_views = None
-    if args.input_views:
-        try:
-            input_views = [int(v) for v in args.input_views.split(",")]
-        except ValueError:
-            _err(f"--input_views must be comma-separated integers, got {args.input_views!r}")
-            return 2
 
     # 1. Cheap checks first: bad images, an existing output folder or missing weights fail before the model loads.
     jobs: list[tuple[Path, Path]] = []
