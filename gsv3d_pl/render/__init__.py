@@ -27,8 +27,9 @@ All three agree to float32 precision, with gsplat's default semantics (also in `
   are not differentiated.
 
 Modules: :mod:`.projection` (quaternions, covariances, EWA, the constants), :mod:`.inputs` (the flattened
-inputs the backends take), :mod:`.param_table` (the table both CPU compositors read), :mod:`.threads`
-(CPU threading), :mod:`.rasterizer` (the switch), :mod:`.multiview` (the helper).
+inputs the backends take), :mod:`.param_table` (the table both CPU compositors read, and its ``projection``
+switch: PyTorch autograd or the compiled kernels of :mod:`.numba_projection`), :mod:`.threads` (CPU threading),
+:mod:`.rasterizer` (the switch), :mod:`.multiview` (the helper).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Compiled CPU compositing (numba): the same semantics and results as :mod:`.torch_backend`, ~20-50x faster.
 
-The projection (EWA, conics, depths, culling, opacity-aware footprints) stays in PyTorch autograd
-(:func:`~gsv3d_pl.render.param_table.param_table`); only the per-(Gaussian, pixel) compositing, where torch's
-per-op overhead dominates, runs in three numba kernels:
+The projection (EWA, conics, depths, culling, opacity-aware footprints) is
+:func:`~gsv3d_pl.render.param_table.param_table`: by default compiled too (:mod:`.numba_projection`, an analytic
+backward), or PyTorch autograd when the cameras require grad or ``projection="torch"`` is asked for. The
+per-(Gaussian, pixel) compositing, where torch's per-op overhead dominates, runs in three numba kernels:
 
 1. ``_bin``: every visible (view, Gaussian) is listed in each ``tile x tile`` screen tile its footprint box touches.
    Lists are built per view by a counting sort over tiles of the depth-sorted Gaussians, so each (view, tile) list
@@ -28,54 +29,17 @@ the install is read-only; without any writable location they are compiled per pr
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from gsv3d_pl.render.inputs import RasterInputs
-from gsv3d_pl.render.param_table import NPARAM, Z, images_from_sums, param_table
+from gsv3d_pl.render.numba_jit import _IMPORT_ERROR, _jit, numba, numba_available
+from gsv3d_pl.render.param_table import NPARAM, Z, images_from_sums, param_table, projection_mode
 from gsv3d_pl.render.projection import ALPHA_MAX, ALPHA_MIN, EPS2D, T_MIN
 from gsv3d_pl.render.threads import run_ranges
 
 __all__ = ["numba_available", "rasterize_numba", "check_numba_inputs"]
-
-log = logging.getLogger(__name__)
-
-try:
-    import numba
-    from numba import njit
-
-    _IMPORT_ERROR: Exception | None = None
-except Exception as e:  # pragma: no cover - exercised only where numba is missing
-    numba = None
-    _IMPORT_ERROR = e
-
-
-def _jit(fn=None, **options):
-    """``njit(nogil=True, fastmath=False, **options)`` with an on-disk cache when some cache location is writable.
-
-    numba raises at decoration time when ``cache=True`` finds neither a writable ``__pycache__`` next to the source
-    nor a writable user-wide cache dir (read-only installs in containers); then compile per process instead.
-    """
-    if fn is None:
-        return lambda f: _jit(f, **options)
-    if numba is None:
-        return fn
-    try:
-        return njit(cache=True, nogil=True, fastmath=False, **options)(fn)
-    except RuntimeError as e:  # "cannot cache function ...: no locator available"
-        log.info("numba on-disk cache unavailable (%s); kernels are compiled once per process", e)
-        return njit(cache=False, nogil=True, fastmath=False, **options)(fn)
-
-
-@functools.lru_cache(maxsize=1)
-def numba_available() -> bool:
-    """True when numba imports (the compiled CPU kernels can be used)."""
-    return numba is not None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels. Arrays: table [M, 10] per-(view, Gaussian) parameters (mx, my, conic a, b, c, opacity, r, g, b, z) with
@@ -382,7 +346,8 @@ class _Composite(torch.autograd.Function):
 
 
 def rasterize_numba(
-    inputs: RasterInputs, eps2d: float = EPS2D, tile_size: int = 16, stats: dict | None = None
+    inputs: RasterInputs, eps2d: float = EPS2D, tile_size: int = 16, stats: dict | None = None,
+    projection: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract and results as :func:`gsv3d_pl.render.torch_backend.rasterize_torch` (CPU tensors only).
 
@@ -394,6 +359,11 @@ def rasterize_numba(
         tile_size: side of the screen tiles that are the unit of parallel work (speed only).
         stats: if a dict, filled with "tile", "rows" (Gaussian-tile list entries) and "pairs" (Gaussian-pixel pairs
             evaluated in the forward pass).
+        projection: the projection step, "auto", "torch" or "numba" (see
+            :mod:`~gsv3d_pl.render.param_table`; the results agree, only the speed and the camera gradients
+            differ); None follows :func:`~gsv3d_pl.render.param_table.projection_mode` (default "auto": numba
+            unless viewmats or Ks require grad). Through :func:`~gsv3d_pl.render.rasterize` / ``render``, set it
+            with ``with projection_mode("torch"): ...``.
 
     Returns:
         rgb [B, C, H, W, 3], alpha [B, C, H, W, 1], depth [B, C, H, W, 1] (expected depth, 0 where alpha = 0).
@@ -404,7 +374,8 @@ def rasterize_numba(
     B, C, N = inputs.batch
     V = B * C
     width, height = inputs.width, inputs.height
-    table, extents, visible = param_table(inputs, eps2d)  # [V*N, 10], [V, N, 2], [V, N]
+    with projection_mode(projection):
+        table, extents, visible = param_table(inputs, eps2d)  # [V*N, 10], [V, N, 2], [V, N]
     tab = table.detach().contiguous().numpy()  # [V*N, 10] zero-copy view
     bins = _bin(tab, extents.reshape(V * N, 2).to(table.dtype).contiguous().numpy(),
                 visible.reshape(V * N).contiguous().numpy(), V, N, width, height, int(tile_size))

@@ -1,7 +1,9 @@
 """Pure-PyTorch differentiable 3D Gaussian compositor (CPU and GPU), with gsplat's default semantics.
 
 It implements the package's rasterisation semantics (see :mod:`gsv3d_pl.render` and ``docs/conventions.md``)
-on the projection of :mod:`.projection` and the parameter table of :mod:`.param_table`.
+on the projection of :mod:`.projection` and the parameter table of :mod:`.param_table` (whose ``projection``
+switch applies here too: on CPU with numba installed the table comes from the compiled, equivalent projection of
+:mod:`.numba_projection` unless ``projection_mode("torch")`` or the cameras require grad).
 
 Algorithm (no dense [pixels × Gaussians] matrix; memory and time O(pairs)):
 
