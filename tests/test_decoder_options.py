@@ -97,3 +97,65 @@ def test_ema_is_evaluated_handed_off_and_resumed(tmp_path):
     _fit(plain, 1)
     with pytest.raises(ValueError, match="no EMA weights"):
         _fit(plain, 2, ckpt_path=str(plain / "checkpoints" / "last.ckpt"), ema_decay=0.5)
+
+
+def _gaussians_on_gt(batch: dict, f: int):
+    """Pixel-aligned means on each input view's GT surface (cell-averaged depth), opacities = GT coverage."""
+    import torch.nn.functional as F
+
+    from gsv3d_pl.cameras import pixel_rays
+    from gsv3d_pl.stages.common import gather_views
+
+    idx = batch["input_indices"]
+    d, a = gather_views(batch["target_depths"], idx).float(), gather_views(batch["target_alphas"], idx).float()
+    B, N, _, H, W = d.shape
+    K = batch["input_K"].float().clone()
+    K[..., :2, :] /= f
+    o, dirs, z_per_t = pixel_rays(batch["input_c2w"].float(), K, W // f, H // f)  # [B, N, H/f, W/f, 3|1]
+    cov = F.avg_pool2d(a.flatten(0, 1), f)
+    z = (F.avg_pool2d((a * d).flatten(0, 1), f) / cov.clamp_min(1e-6)).reshape(B, N, H // f, W // f, 1)
+    return (o + z / z_per_t * dirs).reshape(B, -1, 3), cov.reshape(B, -1), d, a
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_splat_geometry_is_zero_on_the_gt_surface_and_grows_off_it(f):
+    from gsv3d_pl.stages.splat_geometry import splat_geometry_terms
+
+    batch = batch_of(2)
+    means, cov, d, a = _gaussians_on_gt(batch, f)
+    c2w = batch["input_c2w"].float()
+    assert (cov > 0.5).any() and (cov < 0.5).any()  # the toy views have both foreground and background
+    exact = splat_geometry_terms(means, cov, c2w, d, a)
+    assert torch.allclose(exact["splat_depth"], torch.zeros(2), atol=1e-8)
+    assert torch.allclose(exact["splat_opacity"], torch.zeros(2))
+    # Pushing every Gaussian 0.1 along its own camera's axis adds 0.1 to its planar depth: the MSE is 0.01.
+    fwd = c2w[..., :3, 2].repeat_interleave(means.shape[1] // c2w.shape[1], dim=1)  # [B, G, 3]
+    moved = splat_geometry_terms(means + 0.1 * fwd, torch.zeros_like(cov), c2w, d, a)
+    assert torch.allclose(moved["splat_depth"], torch.full((2,), 0.01), atol=1e-5)
+    assert torch.allclose(moved["splat_opacity"], cov.square().mean(1))
+    with pytest.raises(ValueError, match="pixel-aligned"):
+        splat_geometry_terms(means[:, :-1], cov[:, :-1], c2w, d, a)
+
+
+def test_splat_geometry_switch_adds_its_terms_to_the_loss():
+    batch = batch_of(2)
+    off, on = make_stage(views_per_step=3), make_stage(views_per_step=3, lambda_splat_depth=1.0,
+                                                       lambda_splat_opacity=2.0)
+    torch.manual_seed(1)
+    loss_off = off.training_step(batch, 0)
+    torch.manual_seed(1)  # the same supervised views
+    loss_on = on.training_step(batch, 0)
+    from gsv3d_pl.stages.common import gather_views
+    from gsv3d_pl.stages.splat_geometry import splat_geometry_terms
+
+    idx = batch["input_indices"]
+    with torch.no_grad():
+        g = on.predict_gaussians(batch)
+    geo = splat_geometry_terms(g.means, g.opacities, batch["input_c2w"].float(),
+                               gather_views(batch["target_depths"].float(), idx),
+                               gather_views(batch["target_alphas"].float(), idx))
+    want = (geo["splat_depth"] + 2.0 * geo["splat_opacity"]).mean()
+    assert float(want) > 0
+    assert torch.allclose(loss_on.detach() - loss_off.detach(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="lambda_splat_depth"):
+        make_stage(lambda_splat_depth=-1.0)

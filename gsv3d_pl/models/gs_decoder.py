@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gsv3d_pl.cameras import pixel_rays, plucker_rays
 from gsv3d_pl.gaussians import Gaussians
+from gsv3d_pl.models.cost_volume import MatchingVolume
 
 __all__ = ["GSDecoder", "GS_DECODER_PRESETS"]
 
@@ -152,6 +153,10 @@ class GSDecoder(ModelMixin, ConfigMixin):
         latent_skip: how the output-resolution skip path sees the latents: "bilinear" (interpolated) or "shuffle"
             (a learned 1×1 conv + PixelShuffle(upsample): each output pixel gets its own linear read-out of its
             latent pixel, which is what a patch VAE's decoder does).
+        cost_volume_depths: D candidate depths of a plane-sweep matching volume over the input views
+            (:class:`~gsv3d_pl.models.cost_volume.MatchingVolume`, MVSplat's idea): the head then emits D depth
+            logits, added to the volume's, and a Gaussian's distance is their soft-argmax over the D bin centres of
+            its depth window; the volume's logits also enter the skip path. None = off (the paper's decoder).
     """
 
     config_name = "config.json"
@@ -175,6 +180,7 @@ class GSDecoder(ModelMixin, ConfigMixin):
         scale_range_px: tuple[float, float] = (0.02, 32.0),
         gradient_checkpointing: bool = False,
         latent_skip: str = "bilinear",
+        cost_volume_depths: int | None = None,
     ):
         super().__init__()
         total_up = patch_size * upsample
@@ -218,10 +224,18 @@ class GSDecoder(ModelMixin, ConfigMixin):
                                            nn.PixelShuffle(upsample))
         else:
             self.latent_up = None
-        self.skip = nn.Sequential(nn.Conv2d(6 + latent_channels, head_channels, 3, padding=1), nn.SiLU(),
+        if cost_volume_depths is not None:
+            self.matching = MatchingVolume(latent_channels, int(cost_volume_depths))
+            n_depth = int(cost_volume_depths)
+        else:
+            self.matching = None
+            n_depth = 1
+        self._split = {**_SPLIT, "depth": n_depth}
+        self.skip = nn.Sequential(nn.Conv2d(6 + latent_channels + (n_depth if self.matching else 0), head_channels, 3,
+                                            padding=1), nn.SiLU(),
                                   nn.Conv2d(head_channels, head_channels, 3, padding=1))
         self.fuse = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * head_channels, head_channels, 3, padding=1), nn.SiLU())
-        self.head = nn.Conv2d(head_channels, sum(_SPLIT.values()), 1)
+        self.head = nn.Conv2d(head_channels, sum(self._split.values()), 1)
         self._init_weights()
 
     @classmethod
@@ -237,10 +251,9 @@ class GSDecoder(ModelMixin, ConfigMixin):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
-            w, b = self.head.weight, self.head.bias  # [12, c, 1, 1], [12]
+            w, b = self.head.weight, self.head.bias  # [D + 11, c, 1, 1], [D + 11] (D = 1 without a volume)
             b.zero_()
-            small = [0, 1, 2, 3, 4]  # depth, scale ×3, opacity
-            w[small] *= 0.01
+            w[: self._split["depth"] + 4] *= 0.01  # depth (D rows), scale ×3, opacity
 
     # ------------------------------------------------------------------ forward
 
@@ -303,22 +316,29 @@ class GSDecoder(ModelMixin, ConfigMixin):
             z_up = self.latent_up(z)  # [BN, C, Ho, Wo]
         else:
             z_up = F.interpolate(z, size=(Ho, Wo), mode="bilinear", align_corners=False)  # [BN, C, Ho, Wo]
-        f = self.fuse(torch.cat([f, self.skip(torch.cat([rays_o, z_up], dim=1))], dim=1))  # [BN, hc, Ho, Wo]
-        out = self.head(f).float()  # [BN, 12, Ho, Wo]
-        out = out.reshape(B, N, -1, Ho, Wo).permute(0, 1, 3, 4, 2).reshape(B, N * Ho * Wo, -1)  # [B, G, 12]
-        x_d, x_s, x_o, x_r, x_c = out.split(list(_SPLIT.values()), dim=-1)
-
-        # 4. pixel-aligned Gaussians
         origins, dirs, _ = pixel_rays(c2w, K_out, Wo, Ho)  # [B, N, Ho, Wo, 3] each
         origins, dirs = origins.reshape(B, -1, 3), dirs.reshape(B, -1, 3)  # [B, G, 3]
-        if self.depth_range is not None:
-            near = torch.full_like(origins[..., :1], self.depth_range[0])  # [B, G, 1]
-            far = torch.full_like(near, self.depth_range[1])
+        near, far = self._depth_window(origins)  # [B, G, 1] each
+        skip_in = [rays_o, z_up]
+        if self.matching is not None:
+            D = self.matching.num_depths
+            bins = (torch.arange(D, device=near.device, dtype=near.dtype) + 0.5) / D  # [D] bin centres in (0, 1)
+            t_k = near + (far - near) * bins  # [B, G, D] candidate distances
+            pts = origins[:, :, None] + t_k[..., None] * dirs[:, :, None]  # [B, G, D, 3]
+            pts = pts.reshape(B, N, Ho, Wo, D, 3).permute(0, 1, 4, 2, 3, 5)  # [B, N, D, Ho, Wo, 3]
+            cost = self.matching(latents, c2w, K, pts, (H, W))  # [B, N, D, Ho, Wo]
+            skip_in.append(cost.flatten(0, 1).to(dt))
+        f = self.fuse(torch.cat([f, self.skip(torch.cat(skip_in, dim=1))], dim=1))  # [BN, hc, Ho, Wo]
+        out = self.head(f).float()  # [BN, D + 11, Ho, Wo]
+        out = out.reshape(B, N, -1, Ho, Wo).permute(0, 1, 3, 4, 2).reshape(B, N * Ho * Wo, -1)  # [B, G, D + 11]
+        x_d, x_s, x_o, x_r, x_c = out.split(list(self._split.values()), dim=-1)
+
+        # 4. pixel-aligned Gaussians
+        if self.matching is not None:
+            logits = x_d + cost.float().permute(0, 1, 3, 4, 2).reshape(B, N * Ho * Wo, D)  # [B, G, D]
+            t = (torch.softmax(logits, dim=-1) * t_k).sum(-1, keepdim=True)  # [B, G, 1] soft-argmax distance
         else:
-            dist = origins.norm(dim=-1, keepdim=True)  # [B, G, 1] camera distance to the origin
-            near = (dist - self.object_radius).clamp_min(0.05)
-            far = dist + self.object_radius
-        t = near + (far - near) * torch.sigmoid(x_d)  # [B, G, 1] distance along the ray
+            t = near + (far - near) * torch.sigmoid(x_d)  # [B, G, 1] distance along the ray
         means = origins + t * dirs  # [B, G, 3]
         focal = K_out[..., 0, 0].reshape(B, N, 1).expand(B, N, Ho * Wo).reshape(B, -1, 1)  # [B, G, 1]
         log_px = (x_s + self.log_scale_init).clamp(*self.log_scale_range)  # [B, G, 3]
@@ -327,6 +347,14 @@ class GSDecoder(ModelMixin, ConfigMixin):
         quats = F.normalize(x_r + x_r.new_tensor([1.0, 0.0, 0.0, 0.0]), dim=-1)  # [B, G, 4] wxyz
         colors = torch.sigmoid(x_c)  # [B, G, 3]
         return Gaussians(means, quats, scales, opacities, colors)
+
+    def _depth_window(self, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """[near, far] distances along each ray, [B, G, 1] each, for ray origins [B, G, 3]."""
+        if self.depth_range is not None:
+            near = torch.full_like(origins[..., :1], self.depth_range[0])
+            return near, torch.full_like(near, self.depth_range[1])
+        dist = origins.norm(dim=-1, keepdim=True)  # camera distance to the origin
+        return (dist - self.object_radius).clamp_min(0.05), dist + self.object_radius
 
     def num_gaussians(self, num_views: int, h: int, w: int) -> int:
         """G for N views of h×w latents."""

@@ -30,6 +30,7 @@ from gsv3d_pl.stages.ema import WeightEMA
 from gsv3d_pl.stages.handoff import decoder_record
 from gsv3d_pl.stages.heldout import heldout_evaluation, per_image_psnr
 from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
+from gsv3d_pl.stages.splat_geometry import splat_geometry_terms
 from gsv3d_pl.weights import WeightSpec, resolve, torch_hub_dir
 
 __all__ = ["DecoderStage", "lpips_weight_specs"]
@@ -81,6 +82,9 @@ class DecoderStage(StageBase):
             checkpoint records its class and arguments, so stage 2 and predict rebuild it from the file alone.
         lambda_rgb, lambda_depth, lambda_lpips, lambda_alpha: L_3D weights; depth_loss_on: "all" | "foreground"
             (:mod:`gsv3d_pl.stages.losses`).
+        lambda_splat_depth, lambda_splat_opacity: direct supervision of each pixel-aligned Gaussian by its own
+            input view's GT depth and mask, without rendering (:mod:`gsv3d_pl.stages.splat_geometry`); 0 = off
+            (the paper).
         supervise_input_views: False = the ``views_per_step`` supervised views are drawn from the non-input views
             only (the inputs are what the decoder reads; supervising them rewards copying). True = from all Q.
         ema_decay: keep an exponential moving average of the decoder's weights (e.g. 0.99); evaluation, the
@@ -113,6 +117,8 @@ class DecoderStage(StageBase):
         depth_loss_on: str = "all",
         lambda_lpips: float = 0.0,
         lambda_alpha: float = 0.0,
+        lambda_splat_depth: float = 0.0,
+        lambda_splat_opacity: float = 0.0,
         supervise_input_views: bool = True,
         ema_decay: float | None = None,
         lr: float = 4e-4,
@@ -138,6 +144,10 @@ class DecoderStage(StageBase):
         check_vae_factor(vae, decoder, "model.init_args.decoder.init_args.vae_factor")
         self._decoder_record = decoder_record(decoder)  # fails here, at start, for a decoder stage 2 could not rebuild
         self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, lambda_lpips, depth_loss_on, lambda_alpha)
+        for k, v in (("lambda_splat_depth", lambda_splat_depth), ("lambda_splat_opacity", lambda_splat_opacity)):
+            if v < 0:
+                raise ValueError(f"model.init_args.{k} must be >= 0, got {v}")
+        self.lambda_splat_depth, self.lambda_splat_opacity = float(lambda_splat_depth), float(lambda_splat_opacity)
         self.supervise_input_views = bool(supervise_input_views)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
@@ -201,6 +211,14 @@ class DecoderStage(StageBase):
             gaussians, c2w, K, rgb, alpha, depth, self.loss_weights, background=self.background,
             backend=self.render_backend, chunk=self.render_chunk_views, lpips_fn=self.lpips,
         )
+        if self.lambda_splat_depth > 0 or self.lambda_splat_opacity > 0:
+            idx = batch["input_indices"]  # [B, N]
+            geo = splat_geometry_terms(gaussians.means, gaussians.opacities, batch["input_c2w"].float(),
+                                       gather_views(batch["target_depths"].float(), idx),
+                                       gather_views(batch["target_alphas"].float(), idx))
+            loss = loss + (self.lambda_splat_depth * geo["splat_depth"]
+                           + self.lambda_splat_opacity * geo["splat_opacity"]).mean()
+            terms = terms | {k: v.detach() for k, v in geo.items()}
         self._check_loss({k: v.mean() for k, v in terms.items()} | {"total": loss.detach()})
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
         for k, v in terms.items():  # every term of L_3D (rgb, depth, lpips, any new one), per-object means
