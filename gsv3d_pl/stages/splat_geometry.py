@@ -16,7 +16,6 @@ depth weighted by coverage so that silhouette cells are not pulled toward 0.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
