@@ -10,6 +10,7 @@ PIP         := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
+RUN_STAMP   := $(VENV)/.installed-run
 
 .PHONY: help install demo demo-tiny test test-fast lint bench gpu-check clean
 
@@ -19,16 +20,21 @@ help: ## list the targets
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-# Re-run pip only when the package metadata changed: `make install` is quick once done.
-$(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
+# Re-run pip only when the package metadata changed: `make install` is quick once done. Two levels: what the
+# training and predict commands need (the demo installs only that), then the app (gradio) and test extras.
+$(RUN_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PIP) install -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install torch (TORCH_SPEC, default torch==2.14.1 torchvision==0.29.1) then the package with dev extras (idempotent)
+install: $(STAMP) ## create .venv, install torch (TORCH_SPEC, default torch==2.14.1 torchvision==0.29.1) then the package with its app + dev extras (idempotent)
 
-demo: $(STAMP) ## the CPU miniature end to end: VAE -> SV3D fine-tune -> decoder (stage 1) -> LoRA distill (stage 2) -> one held-out table
+demo: $(RUN_STAMP) ## the CPU miniature end to end: VAE -> SV3D fine-tune -> decoder (stage 1) -> LoRA distill (stage 2) -> one held-out table
 	$(VENV)/bin/gsv3d fit --config configs/vae/mini.yaml
 	$(VENV)/bin/gsv3d fit --config configs/sv3d/mini.yaml
 	$(VENV)/bin/gsv3d fit --config configs/decoder/mini.yaml
@@ -36,7 +42,7 @@ demo: $(STAMP) ## the CPU miniature end to end: VAE -> SV3D fine-tune -> decoder
 	$(PY) -m gsv3d_pl.tools.demo_table
 	@echo "Outputs: runs/{vae,sv3d,decoder,distill}_mini (checkpoints, csv/, images/, heldout_eval.json, heldout_e2e.json)"
 
-demo-tiny: $(STAMP) ## the random-encoder smoke pipeline the tests use: decoder (stage 1) -> LoRA distill (stage 2), ~6 min
+demo-tiny: $(RUN_STAMP) ## the random-encoder smoke pipeline the tests use: decoder (stage 1) -> LoRA distill (stage 2), ~6 min
 	$(VENV)/bin/gsv3d fit --config configs/decoder/tiny.yaml
 	$(VENV)/bin/gsv3d fit --config configs/distill/tiny.yaml
 

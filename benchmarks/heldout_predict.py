@@ -17,9 +17,8 @@ import torch
 
 from gsv3d_pl.config import config_args, instantiate_section, parse_config
 from gsv3d_pl.inference import ImageTo3D
-from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
-from gsv3d_pl.render import render
-from gsv3d_pl.stages.heldout import mean_training_image, per_image_psnr
+from gsv3d_pl.inference.heldout import NOVEL_FRAMES, score_orbit_prediction
+from gsv3d_pl.stages.heldout import mean_training_image
 from gsv3d_pl.tools.predict import load_checkpoint, load_stage
 
 
@@ -40,33 +39,24 @@ def main() -> None:
     dm.prepare_data()
     dm.setup("test")
     mean_img, _ = mean_training_image(dm.train_dataloader(), None)  # [3, H, W]
-    novel = [q for q in range(NUM_FRAMES) if q != INPUT_FRAME]
-    rows, scores = [], {"prediction": [], "copy the input image": [], "mean training image": []}
+    rows, scores = [], {"prediction": [], "copy the input image": [], "mean training image": [], "empty background": []}
     done = 0
     for batch in dm.test_dataloader():
         for b in range(batch["target_images"].shape[0]):
             if done >= a.objects:
                 break
-            img = batch["cond_image"][b].float()  # [3, H, W]
-            elev = 90.0 - float(torch.rad2deg(batch["orbit_polars_rad"][b, INPUT_FRAME]))
-            pred = pipe(img, elevation_deg=elev, seed=0, num_steps=a.steps, progress=False)
-            c2w, K = batch["target_c2w"][b, :NUM_FRAMES].float(), batch["target_K"][b, :NUM_FRAMES].float()
-            H, W = img.shape[-2:]
-            rgb = render(pred.gaussians, c2w, K, W, H, 1.0).rgb.clamp(0, 1)  # [21, 3, H, W]
-            gt = batch["target_images"][b, :NUM_FRAMES].float()  # [21, 3, H, W]
-            scores["prediction"].append(per_image_psnr(rgb[novel], gt[novel]))
-            scores["copy the input image"].append(per_image_psnr(img.expand(len(novel), -1, -1, -1), gt[novel]))
-            scores["mean training image"].append(per_image_psnr(mean_img.expand(len(novel), -1, -1, -1), gt[novel]))
+            sc = score_orbit_prediction(pipe, batch, b, mean_img, num_steps=a.steps, seed=0)
+            for k, v in zip(scores, (sc.prediction, sc.copy_input, sc.mean_image, sc.background)):
+                scores[k].append(v)
             show = [0, 3, 6, 9, 12, 15, 18]
-            row = torch.cat([img[None], gt[show], pred.frames[show].float(), rgb[show]])  # [22, 3, H, W]
-            rows.append(row)
-            print(f"object {batch['uid'][b]} (elevation {elev:.1f}°): prediction "
-                  f"{scores['prediction'][-1].mean():.2f} dB, copy input {scores['copy the input image'][-1].mean():.2f}"
-                  f" dB, mean image {scores['mean training image'][-1].mean():.2f} dB", flush=True)
+            rows.append(torch.cat([sc.input_image[None], sc.gt[show], sc.frames[show], sc.renders[show]]))  # [22, 3, H, W]
+            print(f"object {batch['uid'][b]}: prediction {sc.prediction.mean():.2f} dB, copy input "
+                  f"{sc.copy_input.mean():.2f} dB, mean image {sc.mean_image.mean():.2f} dB, empty background "
+                  f"{sc.background.mean():.2f} dB", flush=True)
             done += 1
         if done >= a.objects:
             break
-    print(f"\n{done} held-out objects, {len(novel)} orbit views each, PSNR (dB):")
+    print(f"\n{done} held-out objects, {len(NOVEL_FRAMES)} orbit views each, PSNR (dB):")
     for k, v in scores.items():
         print(f"  {k:<22} {torch.cat(v).mean():6.2f}")
     from torchvision.utils import save_image

@@ -115,14 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from gsv3d_pl.weights import MissingWeightsError
 
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check: works offline
+    try:  # before the model loads: fail in a second
+        import gradio as gr
+    except ImportError:
+        _err("gsv3d app needs gradio, an optional extra: pip install -e '.[app]' (or `make install`, which adds it)")
+        return 2
     t0 = time.perf_counter()
     try:
         runner = build_runner(args)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         _err(str(e))
         return 2
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check: works offline
-    import gradio as gr
 
     from gsv3d_pl.app import build_demo
 
