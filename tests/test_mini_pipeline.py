@@ -13,13 +13,14 @@ import pytest
 from gsv3d_pl.tools import demo_table
 
 ROOT = Path(__file__).resolve().parents[1]
+SV3D_STEPS, DECODER_STEPS = 80, 150  # the short chain of the predict test: ~6 min on 2 cores
 
 
-def _fit(config: str, root: Path, *extra: str) -> None:
-    data = ["--data.init_args.toy_objects=20", f"--data.init_args.cache_dir={root / 'cache'}",
+def _fit(config: str, root: Path, *extra: str, objects: int = 20, steps: int = 2) -> None:
+    data = [f"--data.init_args.toy_objects={objects}", f"--data.init_args.cache_dir={root / 'cache'}",
             "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.2",
             "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2"]
-    short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+    short = [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
              "--trainer.enable_progress_bar=false"]
     res = subprocess.run([sys.executable, "-m", "gsv3d_pl", "fit", "--config", f"configs/{config}",
                           f"--trainer.default_root_dir={root / config.split('/')[0]}", *short, *data, *extra],
@@ -59,3 +60,43 @@ def test_mini_chain_hands_off_and_reports(tmp_path, capsys):
 def test_demo_table_names_a_missing_file(tmp_path):
     with pytest.raises(SystemExit, match="heldout_eval.json not found"):
         demo_table.main(["--decoder", str(tmp_path / "heldout_eval.json"), "--e2e", str(tmp_path / "e.json")])
+
+
+@pytest.mark.slow
+def test_predict_on_a_heldout_toy_beats_the_mean_image_and_the_background(tmp_path):
+    """`gsv3d predict`'s pipeline, after a short mini chain on 24 toys, on a held-out toy: its renders at the 20 novel
+    orbit views beat the mean training image by 1 dB and the empty (white) background. Measured when written: 13.48 dB
+    against 11.61 (mean image), 6.49 (background) and 12.27 (copy the input image)."""
+    import torch
+
+    from gsv3d_pl.config import config_args, instantiate_section, parse_config
+    from gsv3d_pl.inference import ImageTo3D
+    from gsv3d_pl.inference.heldout import score_orbit_prediction
+    from gsv3d_pl.stages.heldout import mean_training_image
+    from gsv3d_pl.tools.predict import load_checkpoint, load_stage
+
+    n = 24
+    vae = tmp_path / "vae" / "vae"
+    _fit("vae/mini.yaml", tmp_path, objects=n, steps=20)
+    enc = [f"--model.init_args.vae.init_args.path={vae}"]
+    _fit("sv3d/mini.yaml", tmp_path, *enc, "--model.init_args.val_sample_steps=2", objects=n, steps=SV3D_STEPS)
+    _fit("decoder/mini.yaml", tmp_path, *enc, "--model.init_args.heldout_eval=false", objects=n, steps=DECODER_STEPS)
+    _fit("distill/mini.yaml", tmp_path, *enc, f"--model.init_args.sv3d.init_args.unet_path={tmp_path / 'sv3d' / 'unet'}",
+         f"--model.init_args.decoder_ckpt={tmp_path / 'decoder' / 'checkpoints' / 'last.ckpt'}",
+         "--model.init_args.val_sample_steps=2", "--model.init_args.heldout_e2e=false", objects=n)
+    run = tmp_path / "distill"
+    saved = str(next(run.glob("csv/version_*/config.yaml")))  # the run's own saved config (LightningCLI)
+    stage, settings = load_stage([saved])
+    load_checkpoint(stage, str(run / "checkpoints" / "last.ckpt"))
+    stage.eval()
+    pipe = ImageTo3D.from_stage(stage, input_indices=list(settings["eval_input_indices"]))
+    dm = instantiate_section(parse_config(config_args([saved])), "data")
+    dm.prepare_data()
+    dm.setup("test")
+    mean_img, _ = mean_training_image(dm.train_dataloader(), None)
+    batch = next(iter(dm.test_dataloader()))
+    torch.manual_seed(0)
+    sc = score_orbit_prediction(pipe, batch, 0, mean_img, num_steps=10, seed=0)
+    pred, mean, bg = float(sc.prediction.mean()), float(sc.mean_image.mean()), float(sc.background.mean())
+    assert sc.prediction.shape == (20,) and torch.isfinite(sc.prediction).all()
+    assert pred > mean + 1.0 and pred > bg + 0.5, (pred, mean, bg, float(sc.copy_input.mean()))
