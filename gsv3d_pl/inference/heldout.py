@@ -17,7 +17,7 @@ from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
 from gsv3d_pl.render import render
 from gsv3d_pl.stages.heldout import per_image_psnr
 
-__all__ = ["OrbitScore", "score_orbit_prediction"]
+__all__ = ["NOVEL_FRAMES", "OrbitScore", "score_orbit_prediction"]
 
 NOVEL_FRAMES = [q for q in range(NUM_FRAMES) if q != INPUT_FRAME]  # the orbit frames the input does not show
 

@@ -13,10 +13,13 @@ Architecture (Lyra / LGM / DiffSplat family; see ``docs/conventions.md`` for cam
 3. **Head.** Tokens go back to a per-view grid and are upsampled by ``patch_size · upsample`` with
    conv + PixelShuffle(2) stages to the output grid H' = h·upsample. A skip path at the output
    resolution (Plücker rays, and the latents bilinearly upsampled or read out per sub-pixel: ``latent_skip``)
-   is fused in, which gives the head exact per-pixel ray information. A 1×1 conv emits 12 channels per pixel: depth 1, scale 3, opacity 1,
-   rotation 4, colour 3.
+   is fused in, which gives the head exact per-pixel ray information. A 1×1 conv emits 12 channels per pixel:
+   depth 1, scale 3, opacity 1, rotation 4, colour 3. With ``cost_volume_depths = D`` (off by default), the skip
+   path also reads a plane-sweep matching volume over the input views (:mod:`gsv3d_pl.models.cost_volume`) and
+   the head emits D depth logits instead of 1 (D + 11 channels).
 4. **Gaussians.** Pixel-aligned on each view's rays through pixel centres (u+0.5, v+0.5) at H'×W':
-   mean = o + t·d with t = near + (far − near)·sigmoid(x) (distance along the ray); by default
+   mean = o + t·d with t = near + (far − near)·sigmoid(x) (distance along the ray; with the volume, t is the
+   soft-argmax of the head's + the volume's logits over the D bin centres of [near, far]); by default
    [near, far] = [‖o‖ − r, ‖o‖ + r] with r = ``object_radius`` = 0.9 (objects are normalised to a unit
    box, whose bounding sphere has radius √3/2 ≈ 0.866), so any radius works; ``depth_range`` fixes it.
    Scales are exp(x + ln s₀) *pixels* (clamped) converted to world units at the Gaussian's distance
@@ -225,6 +228,9 @@ class GSDecoder(ModelMixin, ConfigMixin):
         else:
             self.latent_up = None
         if cost_volume_depths is not None:
+            if int(cost_volume_depths) < 2:
+                raise ValueError(f"GSDecoder: cost_volume_depths (the matching volume's num_depths) must be >= 2 or "
+                                 f"null (no volume), got {cost_volume_depths}")
             self.matching = MatchingVolume(latent_channels, int(cost_volume_depths))
             n_depth = int(cost_volume_depths)
         else:
