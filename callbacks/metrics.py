@@ -15,8 +15,11 @@ Design:
 - Scores are kept *per object* (keyed by uid). At epoch end **every rank** gathers all ranks' records
   (``all_gather_object``), drops duplicate uids (DistributedSampler pads the last batch with repeats),
   and computes the same numbers; rank 0 writes them. So a DDP evaluation equals a 1-process one.
-- ``gsv3d test`` writes ``metrics.json``, ``metrics.csv`` and ``results.md`` into
-  ``trainer.default_root_dir`` (see :mod:`gsv3d_pl.metrics.results`).
+- ``gsv3d test`` writes ``metrics.json``, ``metrics.csv``, ``metrics_per_object.csv`` (one row per uid) and
+  ``results.md`` into ``trainer.default_root_dir`` (see :mod:`gsv3d_pl.metrics.results`).
+- An object whose prediction has no predicted surface (no rendered pixel with alpha > ``alpha_threshold``) is
+  *missed*: GeometryMetrics scores it by :data:`gsv3d_pl.metrics.geometry.MISSED_RULE` (finite, so the means stay
+  finite) and counts it in ``meta.num_missed_objects`` / ``meta.missed_objects``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gsv3d_pl.batch import BatchError, check_novel_views
 from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
-from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh
+from gsv3d_pl.metrics.geometry import MISSED_RULE, evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
 from gsv3d_pl.metrics.results import merge_metrics
 
@@ -108,7 +111,8 @@ class MetricCallback(pl.Callback):
     A new metric implements two methods (``docs/extending.md``): ``object_records`` turns one batch's
     novel-view result into ``{uid: record}``, and ``aggregate`` turns every object's record into
     ``({metric_key: {"value", "num_objects", "num_views"}}, meta)``. Give the key a column in
-    :mod:`gsv3d_pl.metrics.columns` to see it in the tables.
+    :mod:`gsv3d_pl.metrics.columns` to see it in the tables. Optionally ``per_object`` turns the records into
+    ``{uid: {key: float}}`` for ``metrics_per_object.csv`` (default: nothing).
     """
 
     def __init__(self, on_validation: bool = False, write_results: bool = True):
@@ -124,17 +128,21 @@ class MetricCallback(pl.Callback):
     def aggregate(self, records: dict[str, dict]) -> tuple[dict[str, dict], dict]:
         raise NotImplementedError
 
+    def per_object(self, records: dict[str, dict]) -> dict[str, dict[str, float]]:
+        """{uid: {column key: float}}: this callback's columns of ``metrics_per_object.csv``."""
+        return {}
+
     def _update(self, pl_module, outputs, batch) -> None:
         outputs = _check_outputs(outputs, type(self).__name__)
         for uid, rec in self.object_records(outputs, batch, pl_module.device).items():
             self._records.setdefault(uid, rec)
 
-    def _finish(self, trainer: pl.Trainer) -> tuple[dict, dict]:
+    def _finish(self, trainer: pl.Trainer) -> tuple[dict, dict, dict[str, dict]]:
         records = gather_records(self._records)  # collective: every rank
         self._records = {}
         metrics, meta = self.aggregate(records)
         self.last_metrics = metrics
-        return metrics, meta
+        return metrics, meta, records
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._records = {}
@@ -144,10 +152,10 @@ class MetricCallback(pl.Callback):
         self._update(pl_module, outputs, batch)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        metrics, meta = self._finish(trainer)
+        metrics, meta, records = self._finish(trainer)
         if self.write_results and trainer.is_global_zero:
             meta = {**meta, "eval_id": _eval_id(trainer), "ckpt_path": trainer.ckpt_path, "config": _config_paths()}
-            merge_metrics(trainer.default_root_dir, metrics, meta)
+            merge_metrics(trainer.default_root_dir, metrics, meta, self.per_object(records))
             rank_zero_info(f"{type(self).__name__}: " + ", ".join(
                 f"{k}={v['value']:.4f}" for k, v in metrics.items()) + f" -> {trainer.default_root_dir}/metrics.json")
 
@@ -161,7 +169,7 @@ class MetricCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
             return
-        metrics, _ = self._finish(trainer)
+        metrics, _, _ = self._finish(trainer)
         # Identical on every rank after the gather, so no further reduction is needed.
         for k, v in metrics.items():
             if math.isfinite(v["value"]):
@@ -240,6 +248,11 @@ class AppearanceMetrics(MetricCallback):
                 "kid_subset_size": min(self.kwargs["kid_subset_size"], n_views)}
         return out, meta
 
+    def per_object(self, records):
+        # The mean over the object's views of each per-image score (FID/KID are set statistics: none per object).
+        return {uid: {**{k: float(np.mean(r[k])) for k in PER_IMAGE_KEYS}, "num_views": float(len(r["psnr"]))}
+                for uid, r in records.items()}
+
 
 class GeometryMetrics(MetricCallback):
     """Chamfer distance, volume IoU and F-Score@τ of the predicted Gaussians vs the GT mesh (unit-bbox frame).
@@ -253,6 +266,11 @@ class GeometryMetrics(MetricCallback):
         density_threshold: Gaussian density level of the predicted surface shell.
         mesh_occupancy_method: "parity" (default) or "winding"; see ``gsv3d_pl.metrics.geometry.mesh_occupancy``.
         on_validation, write_results: as for :class:`AppearanceMetrics`.
+
+    A *missed* object (no rendered pixel with alpha > ``alpha_threshold``: no predicted surface) is scored by
+    :data:`gsv3d_pl.metrics.geometry.MISSED_RULE` (CD against a single point at the origin, F-Score 0, IoU 0) and
+    included in the means, which therefore stay finite; ``meta.num_missed_objects`` counts such objects and
+    ``meta.missed_objects`` lists their uids.
     """
 
     def __init__(
@@ -299,13 +317,24 @@ class GeometryMetrics(MetricCallback):
             return {}, meta
         n_views = int(sum(r["num_views"] for r in records.values()))
         out = {k: _stat([r[k] for r in records.values()], n_obj, n_views) for k in GEOMETRY_KEYS}
+        missed = [uid for uid, r in records.items() if r.get("missed")]
+        if missed:
+            rank_zero_warn(f"GeometryMetrics: {len(missed)} of {n_obj} objects have no predicted surface (no pixel "
+                           f"with alpha > {self.kwargs['alpha_threshold']}), e.g. {missed[0]}; scored as {MISSED_RULE}")
         meta.update({
+            "num_missed_objects": len(missed),
+            "missed_objects": missed,
             "num_non_watertight": int(sum(1 - r["watertight"] for r in records.values())),
             "geometry": {k: self.kwargs[k] for k in ("num_gt_points", "num_pred_points", "alpha_threshold",
                                                      "iou_resolution", "density_threshold",
                                                      "mesh_occupancy_method")},
         })
         return out, meta
+
+    def per_object(self, records):
+        keys = (*GEOMETRY_KEYS, "missed", "num_pred_points", "chamfer_acc", "chamfer_comp", "precision", "recall",
+                "watertight", "num_views")
+        return {uid: {k: float(r[k]) for k in keys if k in r} for uid, r in records.items()}
 
 
 def _appearance_specs(init_args: dict, key_prefix: str) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,7 +16,11 @@ import torch
 import trimesh
 from torch.utils.data import DataLoader, Dataset
 
+from gsv3d_pl import DecoderStage
+from gsv3d_pl.metrics.results import read_per_object_csv
 from gsv3d_pl.weights import MissingWeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RES, VIEWS, NG = 24, 3, 1200
 
@@ -67,9 +72,16 @@ def _make_object(i: int, root: Path) -> dict:
     }
 
 
+def missed(obj: dict) -> dict:
+    """The same object as a prediction with no surface: nothing rendered (alpha 0, white), zero-opacity Gaussians."""
+    return {**obj, "pred_alphas": torch.zeros_like(obj["pred_alphas"]), "pred_depths": torch.zeros_like(obj["pred_depths"]),
+            "pred_images": torch.ones_like(obj["pred_images"]), "g_opac": torch.zeros_like(obj["g_opac"])}
+
+
 class FakeData(Dataset):
-    def __init__(self, root: str, n: int):
+    def __init__(self, root: str, n: int, missed_uids: tuple[str, ...] = ()):
         self.items = [make_object(i, Path(root)) for i in range(n)]  # eagerly, outside the test loop
+        self.items = [missed(o) if o["uid"] in missed_uids else o for o in self.items]
 
     def __len__(self):
         return len(self.items)
@@ -107,7 +119,7 @@ class FakeStage(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def run_eval(root: str, out: str, n: int, devices: int, batch_size: int = 1) -> dict:
+def run_eval(root: str, out: str, n: int, devices: int, batch_size: int = 1, missed_uids: tuple[str, ...] = ()) -> dict:
     """Evaluate ``n`` fake objects with both callbacks (smoke image metrics); returns metrics.json."""
     from callbacks.metrics import AppearanceMetrics, GeometryMetrics
 
@@ -117,7 +129,7 @@ def run_eval(root: str, out: str, n: int, devices: int, batch_size: int = 1) -> 
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", callbacks=cbs,
         default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.test(FakeStage(), DataLoader(FakeData(root, n), batch_size=batch_size), verbose=False)
+    trainer.test(FakeStage(), DataLoader(FakeData(root, n, missed_uids), batch_size=batch_size), verbose=False)
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
@@ -153,11 +165,56 @@ def test_callbacks_write_metrics_files(tmp_path):
     csv = (out / "metrics.csv").read_text().splitlines()
     assert csv[0] == "metric,value,num_objects,num_views" and len(csv) == 10
     md = (out / "results.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| **this run"))
-    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    row = next(line for line in md.splitlines() if line.startswith("| ours | **this run"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
     assert len(cells) == 9 and all(c not in ("", "–") for c in cells)
     assert "SMOKE" in row and "F-Score@0.05↑" in md and "| GSV3D (paper) | 20.390 | 0.884" in md
-    assert "n/a (fill from the paper, Table 1)" in md
+    assert "n/a" not in md and "Missed objects (no rendered pixel with alpha > 0.5, i.e. no predicted surface): 0." in md
+    assert data["meta"]["num_missed_objects"] == 0 and data["meta"]["missed_objects"] == []
+    per_obj = read_per_object_csv(out / "metrics_per_object.csv")
+    assert list(per_obj) == ["obj0", "obj1"]
+    for k in ("psnr", "ssim", "lpips", "clip_iqa", "chamfer", "iou", "fscore"):  # the mean of the objects' values
+        assert np.mean([r[k] for r in per_obj.values()]) == pytest.approx(data[k]["value"], rel=1e-9), k
+    assert per_obj["obj0"]["chamfer"] == direct[0]["chamfer"] and per_obj["obj1"]["num_views"] == VIEWS
+
+
+def test_missed_object_keeps_the_means_finite_and_is_counted(tmp_path):
+    """A good and a missed object (nothing rendered): finite means, missed count 1, the rule's values per object."""
+    out = tmp_path / "run"
+    data = run_eval(str(tmp_path), str(out), n=2, devices=1, batch_size=2, missed_uids=("obj1",))
+    for k in KEYS:
+        assert np.isfinite(data[k]["value"]) and data[k]["num_objects"] == 2, k
+    assert data["meta"]["num_missed_objects"] == 1 and data["meta"]["missed_objects"] == ["obj1"]
+    from gsv3d_pl.gaussians import Gaussians
+    from gsv3d_pl.metrics.geometry import evaluate_geometry, load_normalized_mesh, sample_surface
+
+    o = missed(make_object(1, tmp_path))
+    mesh = load_normalized_mesh(o["mesh_path"], o["norm_center"], o["norm_scale"])
+    gt_dist = np.linalg.norm(sample_surface(mesh, 5000, seed=0), axis=1)
+    rule_cd = 0.5 * (gt_dist.min() + gt_dist.mean())  # CD against a single point at the origin
+    o0 = make_object(0, tmp_path)
+    good = evaluate_geometry(o0["pred_depths"][:, 0], o0["pred_alphas"][:, 0], o0["eval_c2w"], o0["eval_K"],
+                             Gaussians(o0["g_means"], o0["g_quats"], o0["g_scales"], o0["g_opac"], o0["g_colors"]),
+                             load_normalized_mesh(o0["mesh_path"], o0["norm_center"], o0["norm_scale"]),
+                             num_gt_points=5000, num_pred_points=5000, iou_resolution=32)
+    assert data["chamfer"]["value"] == pytest.approx(0.5 * (good["chamfer"] + rule_cd), rel=1e-9)
+    assert data["fscore"]["value"] == pytest.approx(0.5 * good["fscore"], rel=1e-9)
+    assert data["iou"]["value"] == pytest.approx(0.5 * good["iou"], rel=1e-9)
+
+    rows = list(csv.DictReader((out / "metrics_per_object.csv").open()))
+    assert [r["uid"] for r in rows] == ["obj0", "obj1"]
+    assert {"uid", "psnr", "ssim", "lpips", "clip_iqa", "chamfer", "iou", "fscore", "missed"} <= set(rows[0])
+    assert "fid" not in rows[0] and "kid" not in rows[0]  # set statistics: no per-object value
+    bad = {k: float(v) for k, v in rows[1].items() if k != "uid"}
+    assert bad["missed"] == 1 and bad["fscore"] == bad["iou"] == bad["precision"] == bad["recall"] == 0
+    assert bad["chamfer"] == pytest.approx(rule_cd, rel=1e-12) and bad["num_pred_points"] == 0
+    assert float(rows[0]["missed"]) == 0 and float(rows[0]["chamfer"]) == pytest.approx(good["chamfer"], rel=1e-12)
+    assert all(np.isfinite(float(v)) for r in rows for k, v in r.items() if k != "uid")
+
+    md = (out / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ours | **this run"))
+    assert "–" not in row and "inf" not in row and "nan" not in row.lower()
+    assert "no predicted surface): 1 (obj1;" in md and "CD against a single predicted point at the origin" in md
 
 
 def test_callback_errors_are_clear(tmp_path):
@@ -216,3 +273,47 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     for k in KEYS:
         assert results[2][k]["num_objects"] == results[1][k]["num_objects"] == 3
         assert results[2][k]["value"] == pytest.approx(results[1][k]["value"], rel=1e-5, abs=1e-7), k
+
+
+class MissesObjects(DecoderStage):
+    """The tiny decoder, except that it misses every object whose uid starts with "missed": its Gaussians get zero
+    opacity, so nothing is rendered (as a decoder that fails on an unfamiliar object would). For `gsv3d test`."""
+
+    def predict_gaussians(self, batch):
+        g = super().predict_gaussians(batch)
+        drop = torch.tensor([str(u).startswith("missed") for u in batch["uid"]], device=g.opacities.device)
+        g.opacities = torch.where(drop[:, None], torch.zeros_like(g.opacities), g.opacities)
+        return g
+
+
+@pytest.mark.slow
+def test_gsv3d_test_on_a_mesh_folder_with_a_missed_object(tmp_path):
+    """`gsv3d test` (tiny decoder config) on a folder of three meshes, one of which the decoder misses: finite CD,
+    IoU and F-Score, the missed count in metrics.json and results.md, one per-object CSV row per mesh."""
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    trimesh.creation.box([0.8, 0.5, 0.6]).export(meshes / "box.obj")
+    trimesh.creation.cylinder(0.3, 0.9).export(meshes / "cylinder.obj")
+    trimesh.creation.icosphere(2, 0.5).export(meshes / "missed_sphere.obj")
+    run = tmp_path / "run"
+    args = ["test", "--config", "configs/decoder/tiny.yaml", "--model.class_path=test_metrics_callbacks.MissesObjects",
+            f"--trainer.default_root_dir={run}", "--data.init_args.toy_objects=null",
+            f"--data.init_args.mesh_dir={meshes}", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+            "--data.init_args.val_fraction=0", "--data.init_args.test_fraction=1.0", "--data.init_args.num_workers=0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    res = subprocess.run([sys.executable, "-m", "gsv3d_pl", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    data = json.loads((run / "metrics.json").read_text())
+    for k in ("chamfer", "iou", "fscore"):
+        assert np.isfinite(data[k]["value"]) and data[k]["num_objects"] == 3, (k, data[k])
+    assert data["meta"]["num_missed_objects"] == 1 and data["meta"]["missed_objects"] == ["missed_sphere"]
+    per_obj = read_per_object_csv(run / "metrics_per_object.csv")
+    assert sorted(per_obj) == ["box", "cylinder", "missed_sphere"]
+    assert [per_obj[u]["missed"] for u in ("box", "cylinder", "missed_sphere")] == [0, 0, 1]
+    sphere = per_obj["missed_sphere"]
+    assert sphere["fscore"] == sphere["iou"] == 0 and sphere["chamfer"] == pytest.approx(0.5, abs=0.02)  # radius 0.5
+    assert np.mean([r["chamfer"] for r in per_obj.values()]) == pytest.approx(data["chamfer"]["value"], rel=1e-9)
+    md = (run / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ours | **this run"))
+    assert "–" not in row and "no predicted surface): 1 (missed_sphere;" in md and "n/a" not in md

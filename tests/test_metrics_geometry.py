@@ -170,3 +170,57 @@ def test_geometry_of_gaussians_on_mesh_surface(tmp_path):
     # a prediction shifted by 0.1 must score clearly worse
     occ_shift = gaussian_occupancy(means + torch.tensor([0.1, 0, 0]), quats, scales, opac)
     assert volume_iou(occ_shift, mesh_occupancy(gt)) < res["iou"] - 0.1
+
+
+def _missed_case(nan_gaussians: bool = False):
+    """An evaluation where the prediction renders nothing (alpha 0 everywhere: no predicted surface point)."""
+    from gsv3d_pl.cameras import cameras_from_spherical
+    from gsv3d_pl.gaussians import Gaussians
+
+    mesh = trimesh.creation.box([1.0, 0.5, 0.25]).apply_translation([0.0, 0.25, 0.0])  # the origin is on a face
+    cams = cameras_from_spherical([20.0, -20.0], [0.0, 180.0], DEFAULT_RADIUS, FOV_DEG, 8, 8)
+    depth, alpha = torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)
+    fill = float("nan") if nan_gaussians else 0.0
+    g = Gaussians(torch.full((5, 3), fill), torch.tensor([[1.0, 0, 0, 0]] * 5), torch.full((5, 3), 0.05),
+                  torch.zeros(5), torch.zeros(5, 3))
+    return depth, alpha, cams, g, mesh
+
+
+@pytest.mark.parametrize("nan_gaussians", [False, True])
+def test_missed_object_is_scored_by_the_stated_rule(nan_gaussians):
+    """No pixel with alpha > 0.5: CD against one point at the origin, F-Score 0, IoU 0, all finite, missed = 1."""
+    from gsv3d_pl.metrics.geometry import MISSED_RULE, sample_surface
+
+    depth, alpha, cams, g, mesh = _missed_case(nan_gaussians)
+    res = evaluate_geometry(depth, alpha, cams.c2w, cams.K, g, mesh, num_gt_points=3000, iou_resolution=16)
+    assert all(math.isfinite(v) for v in res.values()), res
+    gt_dist = np.linalg.norm(sample_surface(mesh, 3000, seed=0), axis=1)  # |q - origin| of every GT point
+    assert res["chamfer"] == pytest.approx(0.5 * (gt_dist.min() + gt_dist.mean()), rel=1e-12)
+    assert (res["chamfer_acc"], res["chamfer_comp"]) == pytest.approx((gt_dist.min(), gt_dist.mean()))
+    # F-Score is 0 by the rule even though the origin lies on the GT surface (a point there would score precision 1)
+    assert gt_dist.min() < 0.05
+    assert res["fscore"] == res["precision"] == res["recall"] == res["iou"] == 0.0
+    assert res["missed"] == 1.0 and res["num_pred_points"] == 0.0
+    assert "origin" in MISSED_RULE and "F-Score 0" in MISSED_RULE and "IoU 0" in MISSED_RULE
+    # alpha exactly at the threshold is no surface either; one pixel above it is a (poor) prediction, not a miss
+    alpha[:] = 0.5
+    assert evaluate_geometry(depth + 1.0, alpha, cams.c2w, cams.K, g, mesh, num_gt_points=500,
+                             iou_resolution=16)["missed"] == 1.0
+    alpha[0, 4, 4] = 0.9
+    hit = evaluate_geometry(depth + 1.0, alpha, cams.c2w, cams.K, g, mesh, num_gt_points=500, iou_resolution=16)
+    assert hit["missed"] == 0.0 and hit["num_pred_points"] == 1.0 and math.isfinite(hit["chamfer"])
+
+
+def test_non_finite_renders_and_gaussians_are_left_out():
+    from gsv3d_pl.cameras import cameras_from_spherical
+
+    cams = cameras_from_spherical([10.0], [30.0], DEFAULT_RADIUS, FOV_DEG, 4, 4)
+    depth, alpha = torch.full((1, 4, 4), 1.5), torch.ones(1, 4, 4)
+    depth[0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    assert depth_to_points(depth, alpha, cams.c2w, cams.K).shape == (14, 3)
+    g = torch.Generator().manual_seed(0)
+    means, quats = torch.rand(6, 3, generator=g) - 0.5, torch.randn(6, 4, generator=g)
+    scales, opac = torch.full((6, 3), 0.05), torch.full((6,), 0.8)
+    ref = gaussian_density_grid(means[:4], quats[:4], scales[:4], opac[:4], 16)
+    means[4], scales[5, 1] = float("nan"), float("inf")  # two diverged Gaussians add nothing
+    torch.testing.assert_close(gaussian_density_grid(means, quats, scales, opac, 16), ref)

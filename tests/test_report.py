@@ -46,12 +46,14 @@ def put(root: Path, run: str, seed: int, data: dict | str | None = None, failed:
     return d
 
 
-def table_rows(md: str) -> dict[str, list[str]]:
+def table_rows(md: str, paper: bool = False) -> dict[str, list[str]]:
+    """Our rows of the table (with ``paper``, also the paper's "<label> (paper)" rows)."""
     lines = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
     rows = {}
     for ln in lines:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        rows[cells[0]] = cells[1:]
+        if paper or not cells[0].endswith("(paper)"):
+            rows[cells[0]] = cells[1:]
     return rows
 
 
@@ -74,6 +76,14 @@ def test_full_table_mean_std(tmp_path):
         assert rows[ABLATION_LABELS[run]][3] == "41.00 ± 1.00"  # FID, 2 decimals as in the paper
         assert rows[ABLATION_LABELS[run]][5] == "0.100 ± 0.000"  # CD
     assert "Incomplete" not in md
+    # the paper's Table 2 row under each of ours, as published (appearance only: – for the geometry columns)
+    both = table_rows(md, paper=True)
+    assert list(both) == [x for r in ROWS for x in (r, f"{r} (paper)")]
+    assert both["w/o RGB loss (paper)"] == ["19.551", "0.872", "0.027", "53.89", "0.27", "–", "–", "–"]
+    assert both["N = 4 (paper)"][:5] == ["19.548", "0.874", "0.027", "57.85", "0.42"]
+    assert both["Full Model (paper)"][:5] == ["20.390", "0.884", "0.023", "50.79", "0.21"]
+    assert "Table 2, as published" in md and "ICCV 2025" in md and "KID is in percent" in md
+    assert "(paper)" not in format_table(collect_results(root), "md", paper=False)
 
 
 def test_missing_failed_running_are_shown(tmp_path):
@@ -126,8 +136,10 @@ def test_without_manifest_scans_folders(tmp_path):
     put(root, "full", 0, metrics_json(20.0))
     put(root, "n8", 0, metrics_json(19.0))
     put(root, "custom_run", 3, metrics_json(18.0))
-    rows = table_rows(format_table(collect_results(root)))
-    assert list(rows) == ["N = 8", "Full Model", "custom_run"]
+    md = format_table(collect_results(root))
+    assert list(table_rows(md)) == ["N = 8", "Full Model", "custom_run"]
+    assert list(table_rows(md, paper=True)) == ["N = 8", "N = 8 (paper)", "Full Model", "Full Model (paper)",
+                                                "custom_run"]  # the paper has no row for a run of one's own
 
 
 def test_not_a_sweep_folder(tmp_path):

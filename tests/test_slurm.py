@@ -161,7 +161,7 @@ def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
     logs = "\n".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.out"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
-            for ln in proc.stdout.splitlines() if ln.startswith("| ") and "Method" not in ln}
+            for ln in proc.stdout.splitlines() if ln.startswith("| ") and "Method" not in ln and "(paper)" not in ln}
     assert list(rows) == ["w/o RGB loss", "w/o Depth loss", "N = 8", "N = 4", "w/o DINO encoder", "Full Model"]
     for label, cells in rows.items():
         psnr = float(cells[0])  # one seed: a plain number

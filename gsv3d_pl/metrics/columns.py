@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "METRIC_KEYS", "PER_IMAGE_KEYS", "SET_KEYS", "GEOMETRY_KEYS"]
+__all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "USER_STUDY_COLUMNS", "METRIC_KEYS", "PER_IMAGE_KEYS", "SET_KEYS",
+           "GEOMETRY_KEYS", "PER_OBJECT_KEYS"]
 
 # What computes a column: the mean of a per-image score over all (object, view) images; a statistic of the whole
 # set of views (feature distributions); or the mean of a per-object geometry score.
 # A column of a metric that a callback of its own computes (docs/extending.md) is "external": the built-in
 # callbacks compute exactly the per_image / set / geometry columns and leave it alone.
-PER_IMAGE, SET, GEOMETRY, EXTERNAL = "per_image", "set", "geometry", "external"
+# "user_study": a rating of the paper's participants (Table 1's last two columns); no run computes it.
+PER_IMAGE, SET, GEOMETRY, EXTERNAL, USER_STUDY = "per_image", "set", "geometry", "external", "user_study"
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class Column:
         name: the paper's column name, without the arrow.
         decimals: digits after the point in tables.
         higher_is_better: the arrow: ↑ when True, ↓ when False.
-        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` | ``"external"`` (see above).
+        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` | ``"external"`` | ``"user_study"`` (see above).
         thresholded: the header names the threshold it was computed at (F-Score@τ).
     """
 
@@ -73,8 +75,15 @@ COLUMNS: tuple[Column, ...] = (
 # The paper's ablation table has every column of Table 1 but CLIP-IQA.
 ABLATION_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.key != "clip_iqa")
 
+# The user study of the paper's Table 1: only the paper's rows have it (gsv3d_pl.metrics.paper_tables).
+USER_STUDY_COLUMNS: tuple[Column, ...] = (
+    Column("app_score", "App. score", 3, True, USER_STUDY),
+    Column("geo_score", "Geo. score", 3, True, USER_STUDY),
+)
+
 METRIC_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS)
 PER_IMAGE_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == PER_IMAGE)  # AppearanceMetrics
 SET_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == SET)  # AppearanceMetrics (FID, KID)
 GEOMETRY_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == GEOMETRY)  # GeometryMetrics
-
+# The columns with a value per object (metrics_per_object.csv): FID and KID are statistics of the whole set of views.
+PER_OBJECT_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind in (PER_IMAGE, GEOMETRY))

@@ -15,6 +15,11 @@ also the frame the Gaussians live in. The full protocol is in ``docs/evaluation.
   opacity-weighted Gaussian density (:func:`gaussian_occupancy`), GT occupancy from ray parity or the
   generalised winding number of the mesh (:func:`mesh_occupancy`), exact for watertight meshes and the
   standard robust extension for open ones. The grids live in :mod:`gsv3d_pl.metrics.occupancy`.
+- **Missed objects** (:data:`MISSED_RULE`): a prediction with no pixel of alpha > 0.5 has no surface points, and
+  the Chamfer distance of an empty cloud is infinite, which would turn the whole mean into inf. Such an object is
+  counted as *missed* and scored by a fixed rule instead: CD against a single predicted point at the origin (the
+  centre of the unit bbox), F-Score 0 (precision 0, recall 0) and IoU 0. The rule is a deliberate penalty: it is
+  never better than a poor prediction near the object, and it keeps every mean finite.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from gsv3d_pl.metrics.occupancy import winding_numbers as winding_numbers
 from gsv3d_pl.render.projection import quat_to_rotmat as quat_to_rotmat
 
 __all__ = [
+    "MISSED_RULE",
     "nn_distances",
     "chamfer_distance",
     "f_score",
@@ -51,6 +57,11 @@ __all__ = [
     "quat_to_rotmat",
     *occupancy.__all__,
 ]
+
+
+# How a missed object (no rendered pixel with alpha > alpha_threshold: no predicted surface point) is scored.
+# evaluate_geometry applies it; results.md and docs/evaluation.md state it.
+MISSED_RULE = "CD against a single predicted point at the origin, F-Score 0 (precision and recall 0), IoU 0"
 
 
 def _np_points(x, name: str) -> np.ndarray:
@@ -119,7 +130,8 @@ def depth_to_points(depth: Tensor, alpha: Tensor, c2w: Tensor, K: Tensor, alpha_
         c2w: [..., V, 4, 4] OpenCV camera-to-world.
         K: [..., V, 3, 3] intrinsics of the H x W images.
     Returns:
-        [M, 3] world points ``origin + (z / z_per_t) * dir`` of all selected pixels (all views flattened).
+        [M, 3] world points ``origin + (z / z_per_t) * dir`` of all selected pixels (all views flattened);
+        pixels whose point is not finite are left out.
     """
     if depth.shape != alpha.shape:
         raise ValueError(f"depth_to_points: depth {tuple(depth.shape)} and alpha {tuple(alpha.shape)} differ")
@@ -127,7 +139,8 @@ def depth_to_points(depth: Tensor, alpha: Tensor, c2w: Tensor, K: Tensor, alpha_
     origins, dirs, z_per_t = pixel_rays(c2w.to(torch.float32), K.to(torch.float32), W, H)  # [..., V, H, W, 3|1]
     z = depth.to(torch.float32)[..., None]  # [..., V, H, W, 1]
     pts = origins + (z / z_per_t) * dirs  # [..., V, H, W, 3]
-    mask = (alpha > alpha_threshold) & (depth > 0)  # [..., V, H, W]
+    # A diverged prediction can render NaN/inf depth; those pixels are not surface points.
+    mask = (alpha > alpha_threshold) & (depth > 0) & torch.isfinite(pts).all(-1)  # [..., V, H, W]
     return pts[mask]  # [M, 3]
 
 
@@ -189,6 +202,11 @@ def evaluate_geometry(
 ) -> dict[str, float]:
     """All geometry metrics of one object.
 
+    A prediction without a single pixel of alpha > ``alpha_threshold`` is *missed* and scored by
+    :data:`MISSED_RULE`: CD against one point at the origin (so CD = ½ (min_q |q| + mean_q |q|) over the GT points
+    q: finite, and worse than any prediction that lands near the surface), F-Score, precision, recall and IoU 0. ``"missed"`` is 1.0 then, else 0.0.
+    Every returned value is finite.
+
     Args:
         pred_depths, pred_alphas: [V, H, W] renders of the prediction at the evaluation cameras.
         c2w: [V, 4, 4], K: [V, 3, 3] those cameras.
@@ -196,21 +214,30 @@ def evaluate_geometry(
         mesh: the GT ``trimesh.Trimesh`` already in the unit-bbox frame (:func:`load_normalized_mesh`).
     Returns:
         {"chamfer", "chamfer_acc", "chamfer_comp", "fscore", "precision", "recall", "iou",
-         "num_pred_points", "watertight"}.
+         "num_pred_points", "missed", "watertight"}.
     """
     pred = subsample_points(depth_to_points(pred_depths, pred_alphas, c2w, K, alpha_threshold), num_pred_points, seed)
     gt = sample_surface(mesh, num_gt_points, seed=seed)
-    cd, acc, comp = chamfer_distance(pred, gt, return_parts=True)
-    f, prec, rec = f_score(pred, gt, tau, return_parts=True)
-    occ_pred = gaussian_occupancy(
-        gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, iou_resolution,
-        density_threshold=density_threshold, carve_with=(pred_depths, pred_alphas, c2w, K),
-    )
-    occ_gt = mesh_occupancy(mesh, iou_resolution, method=mesh_occupancy_method, device=gaussians.means.device)
+    missed = len(pred) == 0
+    if missed:
+        # MISSED_RULE. IoU is set, not computed: with every pixel at alpha <= threshold, carving would empty the
+        # predicted grid anyway, and a diverged prediction (NaN Gaussians) need not reach the density code.
+        cd, acc, comp = chamfer_distance(np.zeros((1, 3)), gt, return_parts=True)
+        f, prec, rec, iou = 0.0, 0.0, 0.0, 0.0
+    else:
+        cd, acc, comp = chamfer_distance(pred, gt, return_parts=True)
+        f, prec, rec = f_score(pred, gt, tau, return_parts=True)
+        occ_pred = gaussian_occupancy(
+            gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, iou_resolution,
+            density_threshold=density_threshold, carve_with=(pred_depths, pred_alphas, c2w, K),
+        )
+        occ_gt = mesh_occupancy(mesh, iou_resolution, method=mesh_occupancy_method, device=gaussians.means.device)
+        iou = volume_iou(occ_pred, occ_gt)
     return {
         "chamfer": cd, "chamfer_acc": acc, "chamfer_comp": comp,
         "fscore": f, "precision": prec, "recall": rec,
-        "iou": volume_iou(occ_pred, occ_gt),
+        "iou": iou,
         "num_pred_points": float(len(pred)),
+        "missed": float(missed),
         "watertight": float(bool(mesh.is_watertight)),
     }

@@ -77,7 +77,8 @@ def gaussian_density_grid(
         means: [G, 3], quats: [G, 4] (wxyz), scales: [G, 3] (linear), opacities: [G] — one unbatched set.
         resolution: R, grid cells per axis over [-bound, bound]³.
     Returns:
-        [R, R, R] float32 density, indexed [ix, iy, iz] like :func:`grid_centers`.
+        [R, R, R] float32 density, indexed [ix, iy, iz] like :func:`grid_centers`. Gaussians with a non-finite
+        parameter contribute nothing.
     """
     device = means.device
     R = resolution
@@ -90,6 +91,15 @@ def gaussian_density_grid(
             f"got {tuple(means.shape)}, {tuple(quats.shape)}, {tuple(scales.shape)}, {tuple(opacities.shape)}"
         )
     opac = opacities.reshape(-1).float()
+    # A diverged prediction can hold NaN/inf Gaussians: they add no density (and must not reach the inverse, which
+    # fails on non-finite input). Their parameters are swapped for harmless ones and the Gaussians skipped below.
+    finite = (torch.isfinite(means).all(-1) & torch.isfinite(quats).all(-1) & torch.isfinite(scales).all(-1)
+              & torch.isfinite(opac))  # [G]
+    if not bool(finite.all()):
+        means = torch.where(finite[:, None], means, torch.zeros_like(means))
+        quats = torch.where(finite[:, None], quats.float(), torch.tensor([1.0, 0, 0, 0], device=device))
+        scales = torch.where(finite[:, None], scales.float(), torch.ones_like(scales.float()))
+        opac = torch.where(finite, opac, torch.zeros_like(opac))
     var_f = (filter_voxels * voxel) ** 2
     cov = covariance_3d(quats.float(), scales.float()) + var_f * torch.eye(3, device=device)  # [G, 3, 3]
     prec = torch.linalg.inv(cov)  # [G, 3, 3]
@@ -97,7 +107,7 @@ def gaussian_density_grid(
     half = torch.ceil(radius / voxel).long().clamp(min=1)  # [G] box half-width in voxels
     center = torch.floor((means + bound) / voxel).long()  # [G, 3] voxel holding the mean
     # Skip Gaussians whose box misses the grid and those with negligible opacity.
-    keep = ((center + half[:, None] >= 0) & (center - half[:, None] < R)).all(-1) & (opac > 1e-4)
+    keep = ((center + half[:, None] >= 0) & (center - half[:, None] < R)).all(-1) & (opac > 1e-4) & finite
     grid = torch.zeros(R * R * R, dtype=torch.float32, device=device)  # flattened [R³]
     p = prec.reshape(-1, 9)[:, [0, 4, 8, 1, 2, 5]]  # [G, 6] unique entries of the symmetric precision
     for k in torch.unique(half[keep]).tolist():

@@ -2,7 +2,8 @@
 
 Rows are the runs (the paper's ablation labels), columns :data:`gsv3d_pl.metrics.columns.ABLATION_COLUMNS`; each
 cell is ``mean ± sample std`` over the seeds that have numbers. Seeds that are missing, still running or failed
-are shown as such and listed under the table.
+are shown as such and listed under the table. Under each run the paper has a row for, the paper's own number
+(Table 2, :func:`gsv3d_pl.metrics.paper_tables.table2_rows`) is printed as ``<label> (paper)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gsv3d_pl.metrics.columns import ABLATION_COLUMNS
+from gsv3d_pl.metrics.paper_tables import CITATION, table2_row
 from gsv3d_pl.sweep.spec import ABLATION_LABELS, MANIFEST, SweepError
 
 __all__ = ["RunResult", "collect_results", "format_table"]
@@ -130,10 +132,11 @@ def _status_word(res: RunResult) -> str:
     return "missing"
 
 
-def format_table(results: Sequence[RunResult], fmt: str = "md") -> str:
+def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = True) -> str:
     """The ablation table. ``md``: one row per run, ``mean ± std`` over the seeds with numbers (std only with
     ≥ 2 seeds), ``(k/n seeds)`` when some are missing, a status word when none has numbers, then notes naming
-    every missing/failed seed. ``csv``: machine-readable, one row per run with ``<metric>_mean``, ``<metric>_std``,
+    every missing/failed seed; with ``paper``, the paper's Table 2 row under each run that has one (``–`` for the
+    columns Table 2 does not report). ``csv``: machine-readable, one row per run with ``<metric>_mean``, ``<metric>_std``,
     ``num_ok``, ``num_seeds`` and ``status`` columns."""
     if fmt == "csv":
         buf = io.StringIO()
@@ -173,6 +176,8 @@ def format_table(results: Sequence[RunResult], fmt: str = "md") -> str:
             mean, std = _mean_std(vals)
             row.append(col.format(mean) + ("" if std is None else f" ± {col.format(std)}"))
         rows.append(row)
+    if paper:
+        rows = _with_paper_rows(results, rows)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -180,7 +185,22 @@ def format_table(results: Sequence[RunResult], fmt: str = "md") -> str:
     seeds = sorted({len(r.seeds) for r in results})
     out.append("")
     out.append(f"mean ± sample std over {'/'.join(map(str, seeds))} seed(s); n/a: metric not computed.")
+    if paper and any(table2_row(r.name) for r in results):
+        out.append(f"(paper): {CITATION}, Table 2, as published (its test set; appearance only, – = not reported; "
+                   "its KID is in percent, ours is the raw MMD²: ×100 to compare).")
     notes = [f"- {r.label} ({r.name}) {n}" for r in results for n in r.notes]
     if notes:
         out += ["", "Incomplete runs:", *notes]
     return "\n".join(out) + "\n"
+
+
+def _with_paper_rows(results: Sequence[RunResult], rows: list[list[str]]) -> list[list[str]]:
+    """``rows`` (one per run, in ``results``' order) with the paper's Table 2 row after each run that has one."""
+    out = []
+    for res, row in zip(results, rows, strict=True):
+        out.append(row)
+        ref = table2_row(res.name)
+        if ref is not None:
+            out.append([f"{res.label} (paper)",
+                        *(c.format(ref.values[c.key]) if c.key in ref.values else "–" for c in ABLATION_COLUMNS)])
+    return out
