@@ -67,6 +67,10 @@ class DistillStage(StageBase):
             (image -> SV3D with and without the LoRA -> decoder -> novel views, against copying the input image
             and the mean training image) and write ``<run>/heldout_e2e.json``.
         heldout_max_objects: cap on the held-out objects scored (None = all); e2e_seed: the sampler's seed.
+        replace_input_frame: in validation and the end-to-end evaluation, the decoder reads the input image's own
+            latent at frame ``INPUT_FRAME`` instead of the sampled one, as ``gsv3d predict`` does (its
+            ``replace_input_frame``), so both score the same pipeline. Training's L_3D is unchanged (it decodes
+            the denoiser's predictions of every picked frame, as the paper does).
     """
 
     batch_keys = ("input_indices", "input_images", "cond_image", "target_images", "target_alphas",
@@ -104,6 +108,7 @@ class DistillStage(StageBase):
         heldout_e2e: bool = False,
         heldout_max_objects: int | None = None,
         e2e_seed: int = 0,
+        replace_input_frame: bool = True,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
@@ -142,6 +147,7 @@ class DistillStage(StageBase):
         self.views_per_step = views_per_step
         self.use_latent_cache = use_latent_cache
         self.heldout_e2e, self.e2e_seed = bool(heldout_e2e), int(e2e_seed)
+        self.replace_input_frame = bool(replace_input_frame)
         self.heldout_max_objects = heldout_max_objects
         # num_input_views is also a datamodule hparam (Lightning refuses differing duplicates): not logged here
         self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "num_input_views"])
@@ -288,6 +294,8 @@ class DistillStage(StageBase):
         """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views (keys: :data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`)."""
         c = self.conditioning(batch)
         lat = self.generate_orbit(batch, c, seed)  # [B, 21, 4, h, w]
+        if self.replace_input_frame:  # as `gsv3d predict` does: the input view's latent is known, not generated
+            lat[:, INPUT_FRAME] = self.vae.encode(batch["cond_image"].float()).float()
         idx = batch["input_indices"].long()  # val/test: the datamodule's fixed frames
         if (idx > INPUT_FRAME).any():
             raise ValueError(f"input_indices must index orbit frames (<= {INPUT_FRAME}) for the distill stage, got "
@@ -359,7 +367,8 @@ class DistillStage(StageBase):
                                         self.heldout_max_objects)
         finally:
             self.train(was_training)
-        res.update(global_step=int(self.global_step), seed=self.e2e_seed, sample_steps=self.val_sample_steps)
+        res.update(global_step=int(self.global_step), seed=self.e2e_seed, sample_steps=self.val_sample_steps,
+                   replace_input_frame=self.replace_input_frame)
         path = os.path.join(self._root_dir(), "heldout_e2e.json")
         write_json_atomic(path, res)
         print(f"[e2e eval] image -> SV3D -> decoder, {res['num_objects']} held-out objects, {res['num_views']} novel "
