@@ -4,17 +4,25 @@ Scene graphs with node transforms, several primitives, PBR and simple materials,
 OPAQUE/MASK/BLEND, meshes without UVs or normals. Anything that cannot be rendered raises :class:`BadMeshError`
 with a short reason (the datamodule logs it to ``skipped.jsonl``). Objects are normalised: bounding box centred at
 the origin, largest side 1.
+
+OBJ textures are looked up next to the file (trimesh's rule), then in ``../materials/textures/`` by file name:
+Google Scanned Objects' ``meshes/model.mtl`` names a ``texture.png`` that lives in ``materials/textures/``.
+:func:`write_y_up_copy` rotates a Z-up file (GSO's frame) into this project's +Y-up frame as a self-contained GLB.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BadMeshError", "MeshData", "Primitive", "load_mesh", "ALPHA_OPAQUE", "ALPHA_MASK", "ALPHA_BLEND"]
+log = logging.getLogger(__name__)
+
+__all__ = ["BadMeshError", "MeshData", "Primitive", "load_mesh", "write_y_up_copy", "UP_AXES", "ALPHA_OPAQUE",
+           "ALPHA_MASK", "ALPHA_BLEND"]
 
 
 class BadMeshError(Exception):
@@ -23,6 +31,14 @@ class BadMeshError(Exception):
 
 ALPHA_OPAQUE, ALPHA_MASK, ALPHA_BLEND = 0, 1, 2
 _ALPHA_MODES = {"OPAQUE": ALPHA_OPAQUE, "MASK": ALPHA_MASK, "BLEND": ALPHA_BLEND}
+
+# Source up axis -> the rotation [4, 4] into this project's frame (+Y up). Z-up -> Y-up is (x, y, z) -> (x, z, -y),
+# the mapping glTF exporters use (Blender's -Y "front" ends up facing +Z, the azimuth-0 camera).
+UP_AXES = ("y", "z")
+_TO_Y_UP = {
+    "y": np.eye(4),
+    "z": np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]),
+}
 
 
 @dataclass
@@ -185,17 +201,7 @@ def load_mesh(path: str | os.PathLike, max_faces: int | None = None, max_texture
     """
     import trimesh
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BadMeshError(f"file not found: {path}")
-    try:
-        scene = trimesh.load(path, force="scene", process=False)
-    except BadMeshError:
-        raise
-    except Exception as e:  # trimesh raises many types (KeyError, ValueError, OSError, struct.error, ...)
-        raise BadMeshError(f"unreadable ({type(e).__name__}: {str(e)[:200]})") from None
-    if scene is None or len(scene.geometry) == 0:
-        raise BadMeshError("empty scene")
+    scene = _load_scene(path)
     prims: list[Primitive] = []
     n_faces = 0
     try:
@@ -227,3 +233,79 @@ def load_mesh(path: str | os.PathLike, max_faces: int | None = None, max_texture
         for p in prims:
             p.positions = ((p.positions - center) * scale).astype(np.float32)
     return MeshData(prims, norm_center=np.asarray(center, dtype=np.float64), norm_scale=float(scale))
+
+
+def _texture_resolver(path: str):
+    """trimesh's file resolver for ``path`` plus one fallback for OBJ/MTL assets: ``<obj dir>/../materials/textures/
+    <file name>`` (Google Scanned Objects' layout, whose MTL names ``texture.png`` next to the OBJ; trimesh >= 5 also
+    refuses ``../`` references). Only the file name is used, so nothing outside that folder is read."""
+    from pathlib import Path
+
+    from trimesh.resolvers import FilePathResolver
+
+    class _Resolver(FilePathResolver):
+        def get(self, name: str) -> bytes:
+            try:
+                return super().get(name)
+            except (OSError, ValueError):  # not next to the OBJ, or a ``../`` reference trimesh refuses
+                alt = Path(self.parent).parent / "materials" / "textures" / Path(name.strip()).name
+                if alt.is_file():
+                    return alt.read_bytes()
+                # trimesh only logs this at debug level and renders the object untextured
+                log.warning("%s names %r, which is neither next to it nor in ../materials/textures/: rendered "
+                            "without it", path, name.strip())
+                raise FileNotFoundError(name) from None
+
+    return _Resolver(path)
+
+
+def _load_scene(path: str | os.PathLike):
+    """``trimesh.load(path, force="scene")`` with the OBJ texture fallback; BadMeshError for missing, unreadable or
+    empty files (the reasons ``skipped.jsonl`` records)."""
+    import trimesh
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadMeshError(f"file not found: {path}")
+    resolver = _texture_resolver(path) if path.lower().endswith(".obj") else None
+    try:
+        scene = trimesh.load(path, force="scene", process=False, resolver=resolver)
+    except Exception as e:  # trimesh raises many types (KeyError, ValueError, OSError, struct.error, ...)
+        raise BadMeshError(f"unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    if scene is None or len(scene.geometry) == 0:
+        raise BadMeshError("empty scene")
+    return scene
+
+
+def write_y_up_copy(src: str | os.PathLike, dst: str | os.PathLike, up_axis: str = "z") -> str:
+    """Write ``src`` rotated from ``up_axis`` up into this project's +Y-up frame as a self-contained GLB ``dst``.
+
+    The rotation is baked into the vertices (no node transform), so ``trimesh.load(dst, force="mesh")`` -- what the
+    geometry metrics read through the batch's ``mesh_path`` -- is in the same frame as the renders. Textures
+    (the OBJ fallback of :func:`load_mesh` included) are embedded.
+
+    Raises:
+        BadMeshError: ``src`` cannot be loaded (the same reasons :func:`load_mesh` gives).
+        ValueError: unknown ``up_axis``.
+    """
+    import trimesh
+
+    from gsv3d_pl.io import atomic_path
+
+    if up_axis not in _TO_Y_UP:
+        raise ValueError(f"up_axis must be one of {UP_AXES}, got {up_axis!r}")
+    scene = _load_scene(src)
+    out = trimesh.Scene()
+    for i, node in enumerate(scene.graph.nodes_geometry):
+        transform, geom_name = scene.graph[node]
+        geom = scene.geometry.get(geom_name)
+        if geom is None:
+            continue
+        geom = geom.copy()
+        geom.apply_transform(_TO_Y_UP[up_axis] @ np.asarray(transform, dtype=np.float64))
+        out.add_geometry(geom, node_name=f"{node}_{i}", geom_name=f"{geom_name}_{i}")
+    data = out.export(file_type="glb")
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(dst))), exist_ok=True)
+    with atomic_path(os.fspath(dst)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return os.fspath(dst)

@@ -129,7 +129,15 @@ class ObjaverseDataModule(LightningDataModule):
         cache_dir: root of the render cache (a settings-tagged subfolder is used inside).
         objaverse_root: objaverse cache root (holds ``hf-objaverse-v1/``); default ``~/.objaverse``, or
             ``<cache_dir>/toy_objaverse`` when ``toy_objects`` is set.
-        mesh_dir: a plain folder of .glb/.gltf/.obj files (uid = relative path without extension).
+        mesh_dir: a folder of meshes, read as ``mesh_layout`` says.
+        mesh_layout: ``files``: every .glb/.gltf/.obj/... file under ``mesh_dir`` (uid = relative path without
+            extension); ``gso``: Google Scanned Objects' ``<mesh_dir>/<object>/meshes/model.obj`` (uid = ``<object>``,
+            texture in ``<object>/materials/textures/``).
+        mesh_list: keep only these ``mesh_dir`` objects, in this order: a text file with one uid (GSO: object folder
+            name) per line (``#`` comments) or a JSON list; a listed name that is not there is an error.
+        mesh_up_axis: ``y`` or ``z``, the up axis of ``mesh_dir``'s files; null = the layout's (files: y, gso: z).
+            Z-up objects are rotated once into +Y-up GLB copies under ``<cache_dir>/y_up/`` (renders and geometry
+            metrics read those).
         uids_file: text file with one uid per line (``#`` comments) or a JSON list.
         lvis_categories: LVIS category names; their uids come from ``objaverse.load_lvis_annotations()``.
         toy_objects: generate this many procedural toy objects (into ``objaverse_root``) and use them.
@@ -159,6 +167,9 @@ class ObjaverseDataModule(LightningDataModule):
         cache_dir: str = "data/render_cache",
         objaverse_root: str | None = None,
         mesh_dir: str | None = None,
+        mesh_layout: str = "files",
+        mesh_list: str | None = None,
+        mesh_up_axis: str | None = None,
         uids_file: str | None = None,
         lvis_categories: list[str] | None = None,
         toy_objects: int | None = None,
@@ -205,7 +216,8 @@ class ObjaverseDataModule(LightningDataModule):
             objaverse_root=os.path.expanduser(objaverse_root), mesh_dir=mesh_dir, uids_file=uids_file,
             lvis_categories=list(lvis_categories) if lvis_categories else None,
             toy_objects=int(toy_objects) if toy_objects else 0, max_objects=max_objects, download=download,
-            download_processes=int(download_processes))
+            download_processes=int(download_processes), mesh_layout=mesh_layout, mesh_list=mesh_list,
+            mesh_up_axis=mesh_up_axis, converted_dir=os.path.join(self.cache_dir, "y_up"))
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
@@ -226,6 +238,9 @@ class ObjaverseDataModule(LightningDataModule):
         self.render_cfg = render_settings(
             self.resolution, self.num_extra_views, elevation_deg, elevation_range_deg, extra_elevation_range_deg,
             radius, fov_deg, supersample, max_faces, max_texture_size, min_view_pixels)
+        if mesh_dir and self.sources.up_axis != "y":
+            # Rotated objects render differently under the same uid: a cache of their own (Y-up caches keep their tag).
+            self.render_cfg["mesh_up_axis"] = self.sources.up_axis
         self.cache_path = cache_folder(self.cache_dir, self.render_cfg)
         self.prepare_stats: dict = {}
         self._encoder: tuple | None = None
