@@ -9,6 +9,8 @@ PIP         := $(PY) -m pip
 #   make install TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers, a file each at a time (0: in one process).
+TEST_WORKERS ?= 2
 STAMP       := $(VENV)/.installed
 RUN_STAMP   := $(VENV)/.installed-run
 
@@ -47,10 +49,10 @@ demo-tiny: $(RUN_STAMP) ## the random-encoder smoke pipeline the tests use: deco
 	$(VENV)/bin/gsv3d fit --config configs/distill/tiny.yaml
 
 test: $(STAMP) ## run the whole test suite (slow and slurm tests included; gpu tests skip without CUDA)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the fast tests only (not slow, not slurm)
-	$(VENV)/bin/pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check .
