@@ -159,3 +159,36 @@ def test_splat_geometry_switch_adds_its_terms_to_the_loss():
     assert torch.allclose(loss_on.detach() - loss_off.detach(), want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="lambda_splat_depth"):
         make_stage(lambda_splat_depth=-1.0)
+
+
+def test_input_latent_noise_spares_exactly_the_conditioning_view():
+    from gsv3d_pl.orbit import INPUT_FRAME
+
+    stage = make_stage(input_latent_noise=0.5)
+    B, N = 64, 4
+    lat = torch.randn(B, N, 4, 3, 3)
+    idx = torch.stack([torch.randperm(21)[:N].sort().values for _ in range(B)])  # some objects lack frame 20
+    idx[0] = torch.tensor([4, 9, 15, INPUT_FRAME])
+    out = stage.corrupt_input_latents(lat, idx, generator=torch.Generator().manual_seed(0))
+    same = (out == lat).flatten(2).all(dim=2)  # [B, N]
+    assert same.sum(dim=1).eq(1).all(), "exactly one view per object stays exact"
+    has = idx == INPUT_FRAME
+    assert (same[has.any(dim=1)] == has[has.any(dim=1)]).all(), "frame 20 is the exact one when it is an input"
+    spread = (out - lat)[~same].std()
+    assert 0.15 < float(spread) < 0.45  # std U(0, 0.5): E[σ²] = 0.5²/3 -> ~0.29
+    with pytest.raises(ValueError, match="input_latent_noise"):
+        make_stage(input_latent_noise=-1.0)
+
+
+def test_input_latent_noise_reaches_the_training_step_only():
+    stage = make_stage(input_latent_noise=1.0)
+    batch = batch_of(2)
+    seen = []
+    real = stage.decoder.forward
+    stage.decoder.forward = lambda lat, *a, **k: (seen.append(lat.clone()), real(lat, *a, **k))[1]
+    stage.training_step(batch, 0)
+    clean = stage.input_latents(batch)
+    assert not torch.allclose(seen[-1], clean), "training reads corrupted latents"
+    stage.eval()
+    stage.predict_gaussians(batch)
+    assert torch.equal(seen[-1], clean), "evaluation reads the clean latents"

@@ -18,6 +18,7 @@ from gsv3d_pl.batch import MultiViewBatch, NovelViews
 from gsv3d_pl.io import write_json_atomic
 from gsv3d_pl.models import VAE, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
+from gsv3d_pl.orbit import INPUT_FRAME
 from gsv3d_pl.stages.common import (
     StageBase,
     check_dino,
@@ -100,6 +101,11 @@ class DecoderStage(StageBase):
         heldout_eval: at the end of fit, score novel views of held-out (test split) objects against the
             mean-training-image baseline and write ``<run>/heldout_eval.json``.
         heldout_max_objects / baseline_max_objects: caps for that evaluation (None = all).
+        input_latent_noise: training only: per object, Gaussian noise of a standard deviation drawn from
+            U(0, input_latent_noise) is added to the latents of every input view but one, the conditioning view
+            (orbit frame 20, or a random view when frame 20 is not among the inputs). At image -> 3D that view is
+            the input image's own latent and the others are SV3D's samples, which disagree with it; the decoder
+            learns to trust the exact view where the others conflict. 0 = off (the paper's stage 1).
     """
 
     weight_specs = staticmethod(lpips_weight_specs)  # the external files `gsv3d weights` lists for this stage
@@ -134,6 +140,7 @@ class DecoderStage(StageBase):
         heldout_eval: bool = True,
         heldout_max_objects: int | None = None,
         baseline_max_objects: int | None = None,
+        input_latent_noise: float = 0.0,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
@@ -160,6 +167,9 @@ class DecoderStage(StageBase):
         self.heldout_eval = heldout_eval
         self.heldout_max_objects = heldout_max_objects
         self.baseline_max_objects = baseline_max_objects
+        if not input_latent_noise >= 0:
+            raise ValueError(f"model.init_args.input_latent_noise must be >= 0, got {input_latent_noise}")
+        self.input_latent_noise = float(input_latent_noise)
         self.save_hyperparameters(ignore=["decoder", "vae", "dino"])
 
     # ---- setup ------------------------------------------------------------------------------------------
@@ -202,8 +212,25 @@ class DecoderStage(StageBase):
             vals = [gather_views(v, idx) for v in vals]
         return tuple(vals)
 
+    def corrupt_input_latents(self, latents: Tensor, input_indices: Tensor,
+                              generator: torch.Generator | None = None) -> Tensor:
+        """latents [B, N, C, h, w] with noise on all views but the conditioning one (``input_latent_noise``)."""
+        B, N = input_indices.shape
+        dev = latents.device
+        exact = input_indices.to(dev) == INPUT_FRAME  # [B, N]
+        fallback = torch.randint(0, N, (B,), device=dev, generator=generator)  # [B]
+        none = ~exact.any(dim=1)
+        exact[none, fallback[none]] = True
+        sigma = torch.rand(B, 1, 1, 1, 1, device=dev, generator=generator) * self.input_latent_noise  # [B,1,1,1,1]
+        noise = torch.randn(latents.shape, device=dev, generator=generator) * sigma  # [B, N, C, h, w]
+        return torch.where(exact[:, :, None, None, None], latents, latents + noise)
+
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
-        gaussians = self.predict_gaussians(batch)
+        if self.input_latent_noise > 0:
+            lat = self.corrupt_input_latents(self.input_latents(batch), batch["input_indices"])
+            gaussians = self(lat, batch["input_c2w"].float(), batch["input_K"].float(), self.dino_tokens(batch))
+        else:
+            gaussians = self.predict_gaussians(batch)
         B, Q = batch["target_images"].shape[:2]
         sub = self.supervised_views(batch)  # [B, k] or None (all Q views)
         c2w, K, rgb, alpha, depth = self._targets(batch, sub)
