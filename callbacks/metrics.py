@@ -17,6 +17,12 @@ Design:
   and computes the same numbers; rank 0 writes them. So a DDP evaluation equals a 1-process one.
 - ``gsv3d test`` writes ``metrics.json``, ``metrics.csv``, ``metrics_per_object.csv`` (one row per uid) and
   ``results.md`` into ``trainer.default_root_dir`` (see :mod:`gsv3d_pl.metrics.results`).
+- **Variants.** A ``test_step`` may score several variants of the model on the same batch (DistillStage's
+  ``test_variants``: the LoRA off and on, for Table 1's "SV3D" and "GSV3D" rows of ours). It then returns
+  ``{"variants": {name: <novel-view result>}, ...}``; the callbacks keep one set of per-object records per
+  variant and write each into ``metrics.json["variants"][name]``, the ``variant`` column of
+  ``metrics_per_object.csv`` and one results.md row per variant (:func:`gsv3d_pl.metrics.results.merge_metrics`).
+  An output without ``"variants"`` is one model, as before.
 - An object whose prediction has no predicted surface (no rendered pixel with alpha > ``alpha_threshold``) is
   *missed*: GeometryMetrics scores it by :data:`gsv3d_pl.metrics.geometry.MISSED_RULE` (finite, so the means stay
   finite) and counts it in ``meta.num_missed_objects`` / ``meta.missed_objects``.
@@ -38,11 +44,28 @@ from gsv3d_pl.batch import BatchError, check_novel_views
 from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import MISSED_RULE, evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
-from gsv3d_pl.metrics.results import merge_metrics
+from gsv3d_pl.metrics.results import merge_metrics, primary_variant
 
-__all__ = ["MetricCallback", "AppearanceMetrics", "GeometryMetrics", "gather_records"]
+__all__ = ["MetricCallback", "AppearanceMetrics", "GeometryMetrics", "gather_records", "gather_variant_records"]
 
 _REQUIRED_OUT = ("pred_images", "gt_images", "pred_alphas", "pred_depths", "eval_c2w", "eval_K", "gaussians")
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a collective call under torch.distributed), or ``[obj]`` without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+def _merge_parts(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for uid, rec in part.items():
+            merged.setdefault(uid, rec)
+    return dict(sorted(merged.items()))
 
 
 def gather_records(records: dict[str, dict]) -> dict[str, dict]:
@@ -50,16 +73,30 @@ def gather_records(records: dict[str, dict]) -> dict[str, dict]:
 
     A collective call under torch.distributed: every rank must call it.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, records)
-    else:
-        parts = [records]
-    merged: dict[str, dict] = {}
+    return _merge_parts(_all_gather(records))
+
+
+def gather_variant_records(records: dict[str | None, dict[str, dict]]) -> dict[str | None, dict[str, dict]]:
+    """:func:`gather_records` of each variant's records ({variant: {uid: record}}), in one collective call (so a
+    rank that saw no batch, or fewer variants, cannot desynchronise the ranks). Variants keep the order of their
+    first appearance, rank 0 first."""
+    parts = _all_gather(records)
+    names: list[str | None] = []
     for part in parts:
-        for uid, rec in part.items():
-            merged.setdefault(uid, rec)
-    return dict(sorted(merged.items()))
+        names += [v for v in part if v not in names]
+    return {v: _merge_parts([p.get(v, {}) for p in parts]) for v in names}
+
+
+def _variant_outputs(outputs: Any) -> dict[str | None, Any]:
+    """{variant: novel-view result} of a step's outputs: ``outputs["variants"]`` when the stage scored several
+    variants, else ``{None: outputs}``."""
+    if isinstance(outputs, dict) and "variants" in outputs:
+        variants = outputs["variants"]
+        if not isinstance(variants, dict) or not variants or not all(isinstance(k, str) for k in variants):
+            raise KeyError("metric callbacks: outputs['variants'] must be a non-empty {variant name: novel-view "
+                           f"result}} dict, got {type(variants).__name__}")
+        return dict(variants)
+    return {None: outputs}
 
 
 def _eval_id(trainer: pl.Trainer) -> str:
@@ -119,8 +156,9 @@ class MetricCallback(pl.Callback):
         super().__init__()
         self.on_validation = on_validation
         self.write_results = write_results
-        self._records: dict[str, dict] = {}
-        self.last_metrics: dict[str, dict] = {}
+        self._records: dict[str | None, dict[str, dict]] = {}  # {variant (None: one model): {uid: record}}
+        self.last_metrics: dict[str, dict] = {}  # the primary variant's (or the one model's)
+        self.last_variant_metrics: dict[str, dict[str, dict]] = {}  # {variant: metrics}, when variants were scored
 
     def object_records(self, outputs: dict, batch: dict, device: torch.device) -> dict[str, dict]:
         raise NotImplementedError
@@ -133,16 +171,25 @@ class MetricCallback(pl.Callback):
         return {}
 
     def _update(self, pl_module, outputs, batch) -> None:
-        outputs = _check_outputs(outputs, type(self).__name__)
-        for uid, rec in self.object_records(outputs, batch, pl_module.device).items():
-            self._records.setdefault(uid, rec)
+        for variant, out in _variant_outputs(outputs).items():
+            who = type(self).__name__ + ("" if variant is None else f" (variant {variant!r})")
+            out = _check_outputs(out, who)
+            recs = self._records.setdefault(variant, {})
+            for uid, rec in self.object_records(out, batch, pl_module.device).items():
+                recs.setdefault(uid, rec)
 
-    def _finish(self, trainer: pl.Trainer) -> tuple[dict, dict, dict[str, dict]]:
-        records = gather_records(self._records)  # collective: every rank
+    def _finish(self, trainer: pl.Trainer) -> dict[str | None, tuple[dict, dict, dict[str, dict]]]:
+        """{variant: (metrics, meta, records)} of the epoch (one entry, None, for a one-model output)."""
+        by_variant = gather_variant_records(self._records)  # collective: every rank
         self._records = {}
-        metrics, meta = self.aggregate(records)
-        self.last_metrics = metrics
-        return metrics, meta, records
+        if None in by_variant and len(by_variant) > 1:
+            raise KeyError(f"{type(self).__name__}: some test/validation steps returned 'variants' and some did not")
+        out = {v: (*self.aggregate(recs), recs) for v, recs in by_variant.items()}
+        names = [v for v in out if v is not None]
+        self.last_variant_metrics = {v: out[v][0] for v in names}
+        if out:
+            self.last_metrics = out[primary_variant(names) if names else None][0]
+        return out
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._records = {}
@@ -152,11 +199,15 @@ class MetricCallback(pl.Callback):
         self._update(pl_module, outputs, batch)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        metrics, meta, records = self._finish(trainer)
-        if self.write_results and trainer.is_global_zero:
-            meta = {**meta, "eval_id": _eval_id(trainer), "ckpt_path": trainer.ckpt_path, "config": _config_paths()}
-            merge_metrics(trainer.default_root_dir, metrics, meta, self.per_object(records))
-            rank_zero_info(f"{type(self).__name__}: " + ", ".join(
+        results = self._finish(trainer)
+        if not (self.write_results and trainer.is_global_zero):
+            return
+        shared = {"eval_id": _eval_id(trainer), "ckpt_path": trainer.ckpt_path, "config": _config_paths()}
+        names = [v for v in results if v is not None]
+        for variant, (metrics, meta, records) in results.items():
+            merge_metrics(trainer.default_root_dir, metrics, {**meta, **shared}, self.per_object(records),
+                          variant=variant, variants=names or None)
+            rank_zero_info(f"{type(self).__name__}" + ("" if variant is None else f" [{variant}]") + ": " + ", ".join(
                 f"{k}={v['value']:.4f}" for k, v in metrics.items()) + f" -> {trainer.default_root_dir}/metrics.json")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -169,11 +220,12 @@ class MetricCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
             return
-        metrics, _, _ = self._finish(trainer)
         # Identical on every rank after the gather, so no further reduction is needed.
-        for k, v in metrics.items():
-            if math.isfinite(v["value"]):
-                pl_module.log(f"val/{k}", v["value"], sync_dist=False, rank_zero_only=False)
+        for variant, (metrics, _, _) in self._finish(trainer).items():
+            prefix = "val" if variant is None else f"val/{variant}"
+            for k, v in metrics.items():
+                if math.isfinite(v["value"]):
+                    pl_module.log(f"{prefix}/{k}", v["value"], sync_dist=False, rank_zero_only=False)
 
 
 class AppearanceMetrics(MetricCallback):

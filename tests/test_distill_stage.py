@@ -37,10 +37,10 @@ def decoder_ckpt(tmp_path_factory):
     return str(root / "checkpoints" / "last.ckpt")
 
 
-def make_distill(ckpt: str, **kw) -> DistillStage:
+def make_distill(ckpt: str, cfg_dropout: float = 0.0, **kw) -> DistillStage:
     vae, dino = encoders()
     torch.manual_seed(1)
-    sv3d = SV3D("tiny", cfg_dropout=0.0)
+    sv3d = SV3D("tiny", cfg_dropout=cfg_dropout)
     clip = CLIPImageEmbedder("tiny")
     kw = {"lora_rank": 4, "val_sample_steps": 2, "warmup_steps": 1, **kw}
     return DistillStage(vae=vae, dino=dino, clip=clip, sv3d=sv3d, decoder_ckpt=ckpt, **kw)
@@ -273,3 +273,110 @@ def test_end_to_end_evaluation_scores_lora_on_and_off_against_copying_the_input(
         off = stage.generate_orbit(batch)
     assert (on - off).abs().mean() > 1e-2  # the switch really removes the LoRA
     assert any(p.requires_grad for n, p in stage.named_parameters() if "lora_" in n)  # adapters back on
+
+
+# ---- stage-2 fidelity options: CFG-dropped samples, decoder checkpointing, L_2D weighting ----------------------
+def lora_grads(stage) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in lora_params(stage).items()}
+
+
+def test_cfg_dropped_samples_give_no_l3d_and_no_lora_gradient(decoder_ckpt):
+    b = collate([synthetic_sample(i) for i in range(2)])
+    dropped = torch.zeros(2)
+    # Masked (the default): every sample's conditioning dropped -> L_3D is 0 and reaches no LoRA weight.
+    stage = make_distill(decoder_ckpt)
+    assert stage.mask_l3d_cfg_dropped
+    loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(0), use_2d=False, keep=dropped)
+    assert float(terms["l3d_fraction"]) == 0.0 and float(terms["cfg_dropped"]) == 1.0 and "l3d" not in terms
+    assert float(loss) == 0.0 and not loss.requires_grad  # no graph: no LoRA gradient from L_3D
+    # Unmasked, the same batch and draw: L_3D > 0 and its gradient reaches the LoRA (so the mask above matters): every
+    # self-attention lora_B (the cross-attention ones read the zeroed CLIP embedding, so they get none).
+    stage = make_distill(decoder_ckpt, mask_l3d_cfg_dropped=False)
+    loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(0), use_2d=False, keep=dropped)
+    assert float(terms["l3d"]) > 0 and loss.requires_grad
+    loss.backward()
+    self_attn = {n: g for n, g in lora_grads(stage).items() if "lora_B" in n and ".attn1." in n}
+    assert self_attn and all(g.abs().sum() > 0 for g in self_attn.values())
+
+
+def test_the_cfg_mask_l3d_uses_is_the_one_that_dropped_the_conditioning(decoder_ckpt):
+    """With sv3d.cfg_dropout drawing the mask (training mode), the samples L_3D leaves out are exactly those the UNet
+    saw without their CLIP embedding."""
+    b = collate([synthetic_sample(i) for i in range(4)])
+    stage = make_distill(decoder_ckpt, cfg_dropout=0.5).train()
+    seen = {}
+    hook = stage.sv3d.unet.register_forward_pre_hook(lambda m, a, kw: seen.update(ehs=a[2].detach()), with_kwargs=True)
+    for seed in range(20):  # a draw with some dropped and some kept samples
+        loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(seed), use_2d=False)
+        if 0 < float(terms["cfg_dropped"]) < 1:
+            break
+    hook.remove()
+    assert 0 < float(terms["cfg_dropped"]) < 1, "no mixed draw in 20 seeds"
+    B = 4
+    unet_dropped = (seen["ehs"].reshape(B, -1).abs().amax(dim=1) == 0).float()  # [B]
+    assert float(terms["cfg_dropped"]) == pytest.approx(float(unet_dropped.mean()))
+    assert float(terms["l3d_fraction"]) == pytest.approx(1 - float(unet_dropped.mean()))
+    assert "l3d" in terms and loss.requires_grad
+
+
+def test_decoder_gradient_checkpointing_gives_the_same_loss_and_gradients(decoder_ckpt, monkeypatch):
+    import gsv3d_pl.models.gs_decoder as gs_decoder
+
+    calls = []
+    real = gs_decoder.checkpoint
+    monkeypatch.setattr(gs_decoder, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    b = collate([synthetic_sample(i) for i in range(2)])
+    out = {}
+    for on in (False, True):
+        stage = make_distill(decoder_ckpt, decoder_gradient_checkpointing=on)
+        assert not stage.decoder.training  # frozen: eval mode, yet checkpointed while L_3D backpropagates
+        with torch.no_grad():  # a non-zero LoRA, so lora_A gets gradients too
+            g = torch.Generator().manual_seed(5)
+            for _, p in sorted(lora_params(stage).items()):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        calls.clear()
+        loss, _ = stage.distill_losses(b, generator=torch.Generator().manual_seed(0), use_2d=False)
+        loss.backward()
+        out[on] = (float(loss), lora_grads(stage), len(calls))
+    assert out[False][2] == 0 and out[True][2] == len(stage.decoder.blocks)  # every block recomputed, only when on
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert any(g.abs().sum() > 0 for n, g in out[True][1].items() if "lora_A" in n)
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():  # evaluation builds no graph: nothing to checkpoint
+        calls.clear()
+        stage.distill_losses(b, generator=torch.Generator().manual_seed(0))
+        assert not calls
+
+
+def test_l2d_weighting_none_and_edm_differ_by_the_edm_weight(decoder_ckpt):
+    from gsv3d_pl.models.sv3d import EDMPreconditioner
+
+    b = collate([synthetic_sample(0)])  # one object: one σ, so the ratio is exactly λ(σ)
+    l2d = {}
+    for w in ("none", "edm"):
+        stage = make_distill(decoder_ckpt, l2d_weighting=w, lambda_3d=0.0)
+        loss, terms = stage.distill_losses(b, generator=torch.Generator().manual_seed(3))
+        l2d[w] = float(terms["l2d"])
+        assert float(loss) == pytest.approx(l2d[w])
+    sigma = EDMPreconditioner(0.7, 1.6).sample_sigma(1, generator=torch.Generator().manual_seed(3))  # the same draw
+    want = float((sigma**2 + 1) / sigma**2)
+    assert l2d["edm"] / l2d["none"] == pytest.approx(want, rel=1e-5) and abs(want - 1) > 1e-3
+    with pytest.raises(ValueError, match="l2d_weighting"):
+        make_distill(decoder_ckpt, l2d_weighting="karras")
+
+
+def test_every_distill_config_writes_the_fidelity_keys():
+    """Each option's default is written in every stage-2 config (configs/README.md explains them); the paper config
+    uses the paper's unweighted L_2D."""
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "distill")
+    keys = ("l2d_weighting", "mask_l3d_cfg_dropped", "decoder_gradient_checkpointing", "test_variants")
+    for name in sorted(os.listdir(root)):
+        args = yaml.safe_load(open(os.path.join(root, name)))["model"]["init_args"]
+        assert all(k in args for k in keys), (name, [k for k in keys if k not in args])
+        assert args["test_variants"] == ["undistilled", "distilled"], name
+    paper = yaml.safe_load(open(os.path.join(root, "objaverse.yaml")))["model"]["init_args"]
+    assert paper["l2d_weighting"] == "none" and paper["mask_l3d_cfg_dropped"] is True
+    assert paper["decoder_gradient_checkpointing"] is True

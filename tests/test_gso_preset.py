@@ -268,3 +268,8 @@ def test_gsv3d_test_runs_the_preset_end_to_end(gso_root, object_list, tmp_path):
     assert metrics["psnr"]["num_objects"] == len(LISTED) and np.isfinite(metrics["psnr"]["value"])
     assert metrics["psnr"]["num_views"] == len(LISTED) * (NUM_FRAMES - 4)  # the orbit frames the decoder did not read
     assert "chamfer" in metrics and "fscore" in metrics
+    # Table 1 end to end: the LoRA off and on in the same run, both rows of ours beside the paper's
+    assert list(metrics["variants"]) == ["undistilled", "distilled"]
+    assert all(metrics["variants"][v]["chamfer"]["num_objects"] == len(LISTED) for v in metrics["variants"])
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "| ours | SV3D (ours" in md and "| ours | GSV3D (ours" in md and "GSV3D (paper)" in md

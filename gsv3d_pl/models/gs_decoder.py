@@ -305,7 +305,9 @@ class GSDecoder(ModelMixin, ConfigMixin):
 
         # 2. transformer over all views' tokens
         for blk in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Whenever gradients flow through the block, not only in training mode: stage 2 backpropagates
+            # through the frozen decoder (eval mode, no trainable weights) into the LoRA via the latents.
+            if self.gradient_checkpointing and torch.is_grad_enabled() and x.requires_grad:
                 x = checkpoint(blk, x, ctx, use_reentrant=False)
             else:
                 x = blk(x, ctx)

@@ -45,7 +45,11 @@ __all__ = [
     "UNET_PRESETS",
     "LORA_TARGET_MODULES",
     "triangle_cfg_scales",
+    "LOSS_WEIGHTINGS",
 ]
+
+# λ(σ) of :meth:`SV3D.training_loss`: EDM's (σ²+1)/σ², or none (the plain MSE of D against z0).
+LOSS_WEIGHTINGS: tuple[str, ...] = ("edm", "none")
 
 # peft target names: these match the spatial (``attn1``/``attn2``) and temporal attention of every
 # transformer block; 256 Linear layers at paper scale.
@@ -398,6 +402,14 @@ class SV3D(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def cfg_keep_mask(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """[B] float mask of the samples whose conditioning is kept (1) or dropped for CFG (0): each dropped with
+        probability ``cfg_dropout`` in training mode, none in eval mode (or with ``cfg_dropout`` 0)."""
+        if not (self.training and self.cfg_dropout > 0):
+            return torch.ones(batch_size, device=device)
+        gdev = generator.device if generator is not None else device
+        return (torch.rand(batch_size, generator=generator, device=gdev) >= self.cfg_dropout).float().to(device)
+
     def training_loss(
         self,
         z0: Tensor,
@@ -407,29 +419,39 @@ class SV3D(nn.Module):
         azimuths_rad: Tensor,
         cond_aug: Tensor,
         generator: torch.Generator | None = None,
+        weighting: str = "edm",
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """EDM diffusion loss mean(λ(σ)·(D − z0)²), σ ~ exp(N(p_mean, p_std)).
+        """Diffusion loss mean(λ(σ)·(D − z0)²), σ ~ exp(N(p_mean, p_std)).
 
         Args:
             z0: [B, F, C, h, w] ground-truth scaled latents of the orbit.
             clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug: as in :meth:`denoise`.
             generator: optional RNG for σ, the noise and the CFG-dropout mask.
+            weighting: λ(σ): "edm" = (σ²+1)/σ² (EDM/SVD), "none" = 1 (a plain MSE of D against z0).
+            keep: [B] CFG mask (1 = conditioned, 0 = CLIP embedding and conditioning latent zeroed), e.g. from
+                :meth:`cfg_keep_mask` when the caller needs to know which samples were dropped; None = drawn here
+                (after σ and the noise) with :meth:`cfg_keep_mask`.
         Returns:
             loss (scalar), D [B, F, C, h, w] (the prediction of z0, for L_3D), sigma [B].
         """
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"SV3D.training_loss: weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         B = z0.shape[0]
         dev = z0.device
         gdev = generator.device if generator is not None else dev
         sigma = self.edm.sample_sigma(B, device=dev, generator=generator)  # [B]
         noise = torch.randn(z0.shape, generator=generator, device=gdev, dtype=torch.float32).to(dev)
         x = z0.float() + sigma.view(B, 1, 1, 1, 1) * noise  # [B, F, C, h, w]
-        if self.training and self.cfg_dropout > 0:
-            keep = (torch.rand(B, generator=generator, device=gdev) >= self.cfg_dropout).to(dev)  # [B]
+        if keep is None:
+            keep = self.cfg_keep_mask(B, dev, generator)  # [B]
+        keep = keep.to(dev).float()
+        if not bool((keep == 1).all()):
             clip_emb = clip_emb * keep.view(B, 1, 1).to(clip_emb.dtype)
             cond_latent = cond_latent * keep.view(B, 1, 1, 1).to(cond_latent.dtype)
         D = self.denoise(x, sigma, clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug).float()
-        w = self.edm.loss_weight(sigma).view(B, 1, 1, 1, 1)
-        loss = (w * (D - z0.float()) ** 2).mean()
+        sq = (D - z0.float()) ** 2  # [B, F, C, h, w]
+        loss = (self.edm.loss_weight(sigma).view(B, 1, 1, 1, 1) * sq).mean() if weighting == "edm" else sq.mean()
         return loss, D, sigma
 
     # ------------------------------------------------------------------ sampling

@@ -1,10 +1,18 @@
 """Stage 2: geometric distillation of the frozen GS decoder into SV3D with LoRA (GSV3D Sec. 3).
 
 Per object: z_gt = VAE latents of the 21 orbit frames; σ ~ exp(N(p_mean, p_std)); D = SV3D's EDM
-denoiser prediction of the clean latents; ``L_2D = mean(λ(σ)·(D − z_gt)²)``. N frames of D go through the
-frozen decoder (with DINO tokens of the input view R) to Gaussians, rendered at all Q views:
-``L_3D`` as in stage 1. ``L_distill = L_2D + λ_3D · L_3D``; optionally L_3D only for objects whose σ is
-below ``sigma_3d_max`` (at large σ, D is a blurry mean and its 3D reconstruction carries little signal).
+denoiser prediction of the clean latents; ``L_2D = mean(λ(σ)·(D − z_gt)²)`` with λ = 1 (the paper's plain
+diffusion loss, ``l2d_weighting: none``) or EDM's (σ²+1)/σ² (``edm``). N frames of D go through the frozen
+decoder (with DINO tokens of the input view R) to Gaussians, rendered at all Q views: ``L_3D`` as in stage 1.
+``L_distill = L_2D + λ_3D · L_3D``. L_3D leaves out the objects whose conditioning was dropped for
+classifier-free guidance (``mask_l3d_cfg_dropped``: D of an unconditioned sample is not a reconstruction of
+*this* image's object, so its 3D target says nothing) and, optionally, those whose σ is above ``sigma_3d_max``
+(at large σ, D is a blurry mean and its 3D reconstruction carries little signal). The frozen decoder is
+gradient-checkpointed while L_3D backpropagates through it (``decoder_gradient_checkpointing``).
+
+``gsv3d test`` scores each test batch once per entry of ``test_variants``: ``undistilled`` (the LoRA
+switched off: SV3D as it was) and ``distilled`` (the LoRA on), with the same conditioning and the same sampler
+seed, so Table 1's "SV3D" and "GSV3D" rows of ours come from one run on the same objects and noise.
 
 Only the LoRA parameters train; checkpoints hold them (and the optimizer state) only, and the end of fit
 exports the adapter with diffusers' ``save_lora_adapter`` into ``<run>/lora/``.
@@ -19,25 +27,25 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from gsv3d_pl.batch import MultiViewBatch, NovelViews
-from gsv3d_pl.io import atomic_dir, write_json_atomic
+from gsv3d_pl.batch import MultiViewBatch
+from gsv3d_pl.io import atomic_dir
+from gsv3d_pl.metrics.results import TEST_VARIANTS
 from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
-from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
+from gsv3d_pl.models.sv3d import LOSS_WEIGHTINGS
+from gsv3d_pl.orbit import NUM_FRAMES
 from gsv3d_pl.stages.common import (
     StageBase,
     check_dino,
     check_vae_factor,
     gather_views,
-    novel_view_indices,
     orbit_latents,
-    sample_orbit,
     sample_view_subset,
     sv3d_conditioning,
 )
+from gsv3d_pl.stages.distill_eval import DistillEvaluation
 from gsv3d_pl.stages.handoff import DECODER_CKPT_KEY, load_decoder
-from gsv3d_pl.stages.heldout import per_image_psnr
-from gsv3d_pl.stages.losses import L3DWeights, render_loss, render_views
+from gsv3d_pl.stages.losses import L3DWeights, render_loss
 from gsv3d_pl.weights import WeightSpec
 
 __all__ = ["DistillStage"]
@@ -45,7 +53,7 @@ __all__ = ["DistillStage"]
 log = logging.getLogger(__name__)
 
 
-class DistillStage(StageBase):
+class DistillStage(DistillEvaluation, StageBase):
     """Stage 2: LoRA on SV3D's UNet, trained with ``L_2D + λ_3D · L_3D`` through the frozen GS decoder.
 
     Args:
@@ -59,6 +67,14 @@ class DistillStage(StageBase):
             orbit frames per object); an int = that many distinct random orbit frames per object and step.
         lambda_3d: weight of L_3D; lambda_rgb, lambda_depth, depth_loss_on: L_3D as in stage 1.
         sigma_3d_max: apply L_3D only to objects with σ ≤ this (None = always).
+        l2d_weighting: λ(σ) of L_2D: "none" (the paper's plain MSE between D and z_gt) or "edm" ((σ²+1)/σ², the
+            weighting of SVD/SV3D fine-tunes, which up-weights small σ).
+        mask_l3d_cfg_dropped: leave out of L_3D the objects whose conditioning (CLIP embedding and conditioning
+            latent) ``sv3d.cfg_dropout`` dropped this step; they still train L_2D (the unconditional denoiser CFG
+            needs). L_3D stays a mean over the batch, the dropped objects weighted 0 (as ``sigma_3d_max`` does).
+        decoder_gradient_checkpointing: recompute the frozen decoder's transformer blocks in backward while L_3D
+            backpropagates through it to D (the decoder's ``gradient_checkpointing``; gradients are unchanged,
+            activation memory drops to one block's). Its stage-1 setting is not used here.
         cond_aug: noise augmentation of the conditioning image (SV3D inference uses 1e-5).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW + warmup + cosine over the LoRA parameters.
         val_sample_steps: Euler-EDM steps of the validation sampler (generated orbit -> decoder -> novel views).
@@ -67,6 +83,10 @@ class DistillStage(StageBase):
             (image -> SV3D with and without the LoRA -> decoder -> novel views, against copying the input image
             and the mean training image) and write ``<run>/heldout_e2e.json``.
         heldout_max_objects: cap on the held-out objects scored (None = all); e2e_seed: the sampler's seed.
+        test_variants: what ``gsv3d test`` scores, in this order, each on every test batch with the same conditioning
+            and sampler seed: a non-empty subset of :data:`TEST_VARIANTS` (``undistilled`` = the LoRA off,
+            ``distilled`` = on). Each variant's metrics go to metrics.json's ``variants``; the top-level metrics are
+            :func:`primary_variant`'s.
         replace_input_frame: in validation and the end-to-end evaluation, the decoder reads the input image's own
             latent at frame ``INPUT_FRAME`` instead of the sampled one, as ``gsv3d predict`` does (its
             ``replace_input_frame``), so both score the same pipeline. Training's L_3D is unchanged (it decodes
@@ -109,6 +129,10 @@ class DistillStage(StageBase):
         heldout_max_objects: int | None = None,
         e2e_seed: int = 0,
         replace_input_frame: bool = True,
+        l2d_weighting: str = "none",
+        mask_l3d_cfg_dropped: bool = True,
+        decoder_gradient_checkpointing: bool = True,
+        test_variants: list[str] = TEST_VARIANTS,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
@@ -116,10 +140,22 @@ class DistillStage(StageBase):
             raise ValueError(f"lambda_3d must be >= 0, got {lambda_3d}")
         if num_input_views is not None and not 1 <= num_input_views <= NUM_FRAMES:
             raise ValueError(f"num_input_views must be in [1, {NUM_FRAMES}] or null, got {num_input_views}")
+        if l2d_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"model.init_args.l2d_weighting must be one of {LOSS_WEIGHTINGS}, got {l2d_weighting!r}")
+        variants = [str(v) for v in test_variants]
+        if not variants or len(set(variants)) != len(variants) or not set(variants) <= set(TEST_VARIANTS):
+            raise ValueError(f"model.init_args.test_variants must be distinct names out of {list(TEST_VARIANTS)} "
+                             f"(at least one), got {list(test_variants)}")
         self.vae, self.clip, self.dino = freeze(vae), freeze(clip), freeze(dino)
         self.decoder_ckpt = str(decoder_ckpt)
         decoder, meta = load_decoder(decoder_ckpt)  # fails here, at start, if missing or unreadable
         self.decoder = freeze(decoder)
+        if decoder_gradient_checkpointing and not hasattr(decoder, "gradient_checkpointing"):
+            raise ValueError(f"model.init_args.decoder_gradient_checkpointing is true but the decoder of "
+                             f"{self.decoder_ckpt!r} ({type(decoder).__name__}) has no gradient_checkpointing "
+                             "attribute: set the key to false")
+        if hasattr(decoder, "gradient_checkpointing"):
+            decoder.gradient_checkpointing = bool(decoder_gradient_checkpointing)
         check_dino(dino, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         check_vae_factor(vae, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         self._check_encoders(meta)
@@ -148,6 +184,9 @@ class DistillStage(StageBase):
         self.use_latent_cache = use_latent_cache
         self.heldout_e2e, self.e2e_seed = bool(heldout_e2e), int(e2e_seed)
         self.replace_input_frame = bool(replace_input_frame)
+        self.l2d_weighting = l2d_weighting
+        self.mask_l3d_cfg_dropped = bool(mask_l3d_cfg_dropped)
+        self.test_variants = tuple(variants)
         self.heldout_max_objects = heldout_max_objects
         # num_input_views is also a datamodule hparam (Lightning refuses differing duplicates): not logged here
         self.save_hyperparameters(ignore=["sv3d", "vae", "clip", "dino", "num_input_views"])
@@ -238,19 +277,28 @@ class DistillStage(StageBase):
 
     # ---- training -------------------------------------------------------------------------------------------
     def distill_losses(self, batch: MultiViewBatch, generator: torch.Generator | None = None,
-                       use_2d: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """(L_distill, terms). ``use_2d=False`` leaves L_2D out of the returned loss (for gradient tests)."""
+                       use_2d: bool = True, c: dict | None = None,
+                       keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(L_distill, terms). ``use_2d=False`` leaves L_2D out of the returned loss (for gradient tests); ``c``:
+        the batch's :meth:`conditioning` if already computed; ``keep``: [B] CFG mask (1 = conditioned) instead of
+        drawing one with ``sv3d.cfg_dropout`` (tests)."""
         z_gt = self.orbit_latents(batch)  # [B, 21, 4, h, w]
-        c = self.conditioning(batch)
+        c = self.conditioning(batch) if c is None else c
         B = z_gt.shape[0]
+        if keep is None:  # drawn here, not inside training_loss, so that L_3D knows which samples were dropped
+            keep = self.sv3d.cfg_keep_mask(B, z_gt.device, generator)  # [B], all ones in eval mode
+        keep = keep.to(z_gt.device).float()
         with self.autocast():
             l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
-                                                    c["azimuths"], c["cond_aug"], generator=generator)
-        terms: dict[str, Tensor] = {"l2d": l2d.detach()}
+                                                    c["azimuths"], c["cond_aug"], generator=generator,
+                                                    weighting=self.l2d_weighting, keep=keep)
+        terms: dict[str, Tensor] = {"l2d": l2d.detach(), "cfg_dropped": 1.0 - keep.mean()}
         loss = l2d if use_2d else torch.zeros((), device=z_gt.device)
         mask = torch.ones(B, device=z_gt.device)  # [B]
         if self.sigma_3d_max is not None:
             mask = (sigma <= self.sigma_3d_max).float()
+        if self.mask_l3d_cfg_dropped:
+            mask = mask * keep
         terms["l3d_fraction"] = mask.mean()
         if self.lambda_3d > 0 and mask.any():
             gaussians = self.decode_frames(D.float(), self.pick_frames(batch), batch, c["dino"])
@@ -281,57 +329,6 @@ class DistillStage(StageBase):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
         return loss
 
-    # ---- evaluation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_orbit(self, batch: MultiViewBatch, c: dict | None = None, seed: int = 0) -> Tensor:
-        """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w] (deterministic seed)."""
-        c = self.conditioning(batch) if c is None else c
-        with self.autocast():
-            return sample_orbit(self.sv3d, c, self.val_sample_steps, seed)
-
-    @torch.no_grad()
-    def evaluate_novel_views(self, batch: MultiViewBatch, seed: int = 0) -> NovelViews:
-        """Image -> SV3D(+LoRA) orbit -> frozen decoder -> novel views (keys: :data:`gsv3d_pl.batch.NOVEL_VIEW_KEYS`)."""
-        c = self.conditioning(batch)
-        lat = self.generate_orbit(batch, c, seed)  # [B, 21, 4, h, w]
-        if self.replace_input_frame:  # as `gsv3d predict` does: the input view's latent is known, not generated
-            lat[:, INPUT_FRAME] = self.vae.encode(batch["cond_image"].float()).float()
-        idx = batch["input_indices"].long()  # val/test: the datamodule's fixed frames
-        if (idx > INPUT_FRAME).any():
-            raise ValueError(f"input_indices must index orbit frames (<= {INPUT_FRAME}) for the distill stage, got "
-                             f"{idx.tolist()}: the decoder reads generated orbit frames")
-        gaussians = self.decode_frames(lat, idx, batch, c["dino"])
-        novel = novel_view_indices(batch["input_indices"], batch["target_images"].shape[1])  # [B, V]
-        c2w, K = gather_views(batch["target_c2w"].float(), novel), gather_views(batch["target_K"].float(), novel)
-        gt = {k: gather_views(batch[k].float(), novel) for k in ("target_images", "target_alphas", "target_depths")}
-        H, W = gt["target_images"].shape[-2:]
-        rgb, alpha, depth = render_views(gaussians, c2w, K, W, H, self.background, self.render_backend,
-                                         self.render_chunk_views)
-        return {
-            "pred_images": rgb.clamp(0, 1), "gt_images": gt["target_images"], "pred_alphas": alpha,
-            "pred_depths": depth, "gt_alphas": gt["target_alphas"], "gt_depths": gt["target_depths"],
-            "eval_c2w": c2w, "eval_K": K, "input_images": batch["input_images"],
-            "gaussians": gaussians.detach(), "novel_indices": novel,
-        }
-
-    def _eval_step(self, batch: MultiViewBatch, batch_idx: int, prefix: str) -> dict:
-        B = batch["target_images"].shape[0]
-        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)  # same σ/noise every validation
-        _, terms = self.distill_losses(batch, generator=g)
-        for k in ("loss", "l2d", "l3d"):
-            if k in terms:
-                self.log(f"{prefix}/{k}", terms[k], batch_size=B, sync_dist=True)
-        out = self.evaluate_novel_views(batch, seed=batch_idx)
-        psnr = per_image_psnr(out["pred_images"].flatten(0, 1), out["gt_images"].flatten(0, 1))
-        self.log(f"{prefix}/psnr", psnr.mean(), prog_bar=True, batch_size=B, sync_dist=True)
-        return out
-
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._eval_step(batch, batch_idx, "test")
-
     # ---- export ---------------------------------------------------------------------------------------------
     def export_lora(self, out_dir: str | os.PathLike) -> str:
         """Write the adapter with diffusers' ``save_lora_adapter`` into ``out_dir`` (atomically, via a tmp dir).
@@ -352,31 +349,3 @@ class DistillStage(StageBase):
         dm = getattr(self.trainer, "datamodule", None)
         if self.heldout_e2e and dm is not None and hasattr(dm, "test_dataloader"):
             self.run_e2e_eval(dm)
-
-    def run_e2e_eval(self, datamodule) -> dict:
-        """Image -> SV3D(+LoRA) -> decoder on the held-out objects, with and without the LoRA, against the
-        copy-the-input-image and mean-image baselines; print and write ``<run>/heldout_e2e.json``."""
-        from gsv3d_pl.stages.e2e import end_to_end_evaluation
-
-        datamodule.setup("test")
-        was_training = self.training
-        self.eval()
-        try:
-            res = end_to_end_evaluation(lambda b: self.evaluate_novel_views(b, seed=self.e2e_seed), self.sv3d.unet,
-                                        datamodule.test_dataloader(), datamodule.train_dataloader(), self.device,
-                                        self.heldout_max_objects)
-        finally:
-            self.train(was_training)
-        res.update(global_step=int(self.global_step), seed=self.e2e_seed, sample_steps=self.val_sample_steps,
-                   replace_input_frame=self.replace_input_frame)
-        path = os.path.join(self._root_dir(), "heldout_e2e.json")
-        write_json_atomic(path, res)
-        print(f"[e2e eval] image -> SV3D -> decoder, {res['num_objects']} held-out objects, {res['num_views']} novel "
-              f"views at {res['resolution'][0]}x{res['resolution'][1]} (seed {self.e2e_seed}):\n"
-              f"[e2e eval]   distilled (LoRA on)     PSNR {res['psnr']:.2f} dB  SSIM {res['ssim']:.4f}\n"
-              f"[e2e eval]   undistilled (LoRA off)  PSNR {res['undistilled_psnr']:.2f} dB  SSIM "
-              f"{res['undistilled_ssim']:.4f}\n"
-              f"[e2e eval]   copy the input image    PSNR {res['copy_input_psnr']:.2f} dB\n"
-              f"[e2e eval]   mean training image     PSNR {res['baseline_psnr']:.2f} dB\n"
-              f"[e2e eval] written to {path}", flush=True)
-        return res
