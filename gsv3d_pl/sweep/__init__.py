@@ -1,40 +1,73 @@
 """Sweeps: a YAML file of runs × seeds -> one SLURM array job (or local runs) -> the paper's ablation table.
 
-- :mod:`~gsv3d_pl.sweep.spec`: the sweep file's schema and :func:`load_sweep` (errors name ``file:line``);
-- :mod:`~gsv3d_pl.sweep.expand`: runs × seeds -> :class:`Task` arguments; :func:`validate_configs` composes each
-  run's config with the CLI parser (nothing is built);
-- :mod:`~gsv3d_pl.sweep.slurm`: the array-job script, ``tasks.txt``, the ``sweep.json`` manifest, :func:`submit`;
-- :mod:`~gsv3d_pl.sweep.local`: :func:`run_local`, the same script without SLURM;
-- :mod:`~gsv3d_pl.sweep.report`: :func:`collect_results` and :func:`format_table` (``gsv3d report``).
+- :mod:`~gsv3d_pl.sweep.spec`: the sweep file's schema (single-stage, or a chain of ``stages:``) and
+  :func:`load_sweep` (errors name ``file:line``, via :mod:`~gsv3d_pl.sweep.lines`);
+- :mod:`~gsv3d_pl.sweep.expand`: runs × seeds (× stages) -> :class:`Task` arguments; :func:`validate_configs`
+  composes each run's config of each stage with the CLI parser (nothing is built);
+- :mod:`~gsv3d_pl.sweep.slurm`: one array-job script per stage, ``tasks.txt``, the ``sweep.json`` manifest,
+  ``submit.sh``; :func:`submit` / :func:`submit_chain` (later stages ``--dependency=aftercorr``);
+- :mod:`~gsv3d_pl.sweep.local`: :func:`run_local` / :func:`run_local_stages`, the same scripts without SLURM;
+- :mod:`~gsv3d_pl.sweep.report`: :func:`collect_results` and :func:`format_table` (``gsv3d report``), with the
+  paired per-object comparison of :mod:`~gsv3d_pl.sweep.paired`.
 
     sweep = load_sweep("configs/sweeps/ablations.yaml")
-    script, _, tasks = write_sweep(sweep, "runs/ablations", rerooted=validate_configs(sweep))
-    job_id = submit(script)                       # or run_local(script, tasks)
+    files = write_sweep_files(sweep, "runs/ablations", rerooted=validate_configs(sweep))
+    jobs = submit_chain(files)                    # or run_local_stages([(f.name, f.script, f.tasks) ...])
     print(format_table(collect_results("runs/ablations")))
 """
 
 from gsv3d_pl.sweep.expand import Task, expand_tasks, validate_configs
-from gsv3d_pl.sweep.local import run_local
-from gsv3d_pl.sweep.report import RunResult, collect_results, format_table
-from gsv3d_pl.sweep.slurm import render_sbatch, submit, write_sweep
-from gsv3d_pl.sweep.spec import ABLATION_LABELS, MANIFEST, RunSpec, SlurmResources, Sweep, SweepError, load_sweep
+from gsv3d_pl.sweep.local import run_local, run_local_stages
+from gsv3d_pl.sweep.paired import PairedDiff, paired_bootstrap, paired_differences
+from gsv3d_pl.sweep.report import RunResult, collect_results, format_table, paired_comparison
+from gsv3d_pl.sweep.slurm import (
+    StageFiles,
+    SweepFiles,
+    describe_chain,
+    render_sbatch,
+    submit,
+    submit_chain,
+    write_sweep,
+    write_sweep_files,
+)
+from gsv3d_pl.sweep.spec import (
+    ABLATION_LABELS,
+    MANIFEST,
+    RunSpec,
+    SlurmResources,
+    StageSpec,
+    Sweep,
+    SweepError,
+    load_sweep,
+)
 
 __all__ = [
     "ABLATION_LABELS",
     "MANIFEST",
+    "PairedDiff",
     "RunResult",
     "RunSpec",
     "SlurmResources",
+    "StageFiles",
+    "StageSpec",
     "Sweep",
     "SweepError",
+    "SweepFiles",
     "Task",
     "collect_results",
+    "describe_chain",
     "expand_tasks",
     "format_table",
     "load_sweep",
+    "paired_bootstrap",
+    "paired_comparison",
+    "paired_differences",
     "render_sbatch",
     "run_local",
+    "run_local_stages",
     "submit",
+    "submit_chain",
     "validate_configs",
     "write_sweep",
+    "write_sweep_files",
 ]

@@ -1,9 +1,11 @@
-"""Runs × seeds -> tasks, and every run's composed config checked with the CLI parser before anything is written.
+"""Runs × seeds (× stages) -> tasks, and every composed config checked with the CLI parser before anything is
+written.
 
-Each task (one run × one seed) trains with ``gsv3d fit --config base... --config overlay... --k=v...
---seed_everything=<seed> --trainer.default_root_dir=<run folder> --trainer.devices=<ntasks per node>
---trainer.num_nodes=<nodes>``; ``gsv3d test`` gets the same arguments. The run folder
-``<out>/<run>/seed<k>`` is absolute and the same on every requeue and every regeneration of the script.
+Each task (one run × one seed, of one stage) trains with ``gsv3d fit --config base... --config overlay...
+--k=v... --seed_everything=<seed> --trainer.default_root_dir=<stage folder> --trainer.devices=<ntasks per node>
+--trainer.num_nodes=<nodes>``; ``gsv3d test`` gets the same arguments. The run folder ``<out>/<run>/seed<k>``
+is absolute and the same on every requeue and every regeneration of the script; a single-stage sweep trains in
+it, a chained sweep's stage ``s`` in ``<run folder>/<s>``.
 """
 
 from __future__ import annotations
@@ -16,20 +18,29 @@ from pathlib import Path
 from typing import Any
 
 from gsv3d_pl.config import ConfigError, config_args, parse_config
-from gsv3d_pl.sweep.spec import RunSpec, Sweep, SweepError
+from gsv3d_pl.sweep.spec import RunSpec, StageSpec, Sweep, SweepError, substitute
 
-__all__ = ["Task", "expand_tasks", "validate_configs"]
+__all__ = ["Task", "expand_tasks", "reroot_key", "validate_configs"]
 
 
 @dataclass(frozen=True)
 class Task:
-    """One array task = one run × one seed. ``args`` follow ``gsv3d fit`` / ``gsv3d test`` (shared by both)."""
+    """One array task = one run × one seed of one stage. ``args`` follow ``gsv3d fit`` / ``gsv3d test`` (shared
+    by both). ``index`` is the task's index in its stage's array: the same (run, seed) has the same index in every
+    stage, which is what ``--dependency=aftercorr`` pairs. ``stage_dir`` is where the stage trains (= ``run_dir``
+    in a single-stage sweep, whose one stage is named ``""``)."""
 
     index: int
     run: str
     seed: int
     run_dir: Path
     args: tuple[str, ...]
+    stage: str = ""
+    stage_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage_dir is None:
+            object.__setattr__(self, "stage_dir", self.run_dir)
 
 
 def _render_value(value: Any) -> str:
@@ -47,44 +58,74 @@ def _override_args(overrides: dict[str, Any]) -> list[str]:
     return [f"--{k}={_render_value(v)}" for k, v in overrides.items()]
 
 
-def _config_files(sweep: Sweep, run: RunSpec) -> list[Path]:
-    return [*sweep.base, *run.overlays]
+def _config_files(stage: StageSpec, run: RunSpec) -> list[Path]:
+    return [*stage.base, *run.overlays_for(stage.name)]
 
 
-def _run_args(sweep: Sweep, run: RunSpec) -> list[str]:
-    """``--config`` for the base and the run's overlays, then the overrides (a run's wins over the sweep's)."""
-    return config_args(_config_files(sweep, run), _override_args({**sweep.overrides, **run.overrides}))
+def _overrides(sweep: Sweep, stage: StageSpec, run: RunSpec) -> dict[str, Any]:
+    """The sweep's, then the stage's, then the run's (for this stage): later ones win."""
+    return {**sweep.overrides, **stage.overrides, **run.overrides_for(stage.name)}
+
+
+def _run_args(sweep: Sweep, stage: StageSpec, run: RunSpec, run_dir: Path | None = None) -> list[str]:
+    """``--config`` for the base and the run's overlays, then the overrides, placeholders replaced for the task
+    in ``run_dir`` (left as they are without one: only for reading the composed config's own paths)."""
+    overrides = _overrides(sweep, stage, run)
+    if run_dir is not None:
+        overrides = substitute(overrides, run_dir, stage.folder(run_dir))
+    return config_args(_config_files(stage, run), _override_args(overrides))
+
+
+def reroot_key(stage: str, run: str) -> str:
+    """Key of :func:`validate_configs`' result: the run name in a single-stage sweep (as before chains), else
+    ``<stage>/<run>`` (neither name can contain a slash)."""
+    return f"{stage}/{run}" if stage else run
 
 
 _RUN_DIR = "@@RUN_DIR@@"  # placeholder in re-rooted overrides (see validate_configs), replaced per task
 _REROOT_KEYS = ("trainer.callbacks", "trainer.logger")
 
 
+def _stages(sweep: Sweep, stage: str | None) -> tuple[StageSpec, ...]:
+    if stage is None:
+        return sweep.stages
+    try:
+        return (sweep.stage(stage),)
+    except KeyError as e:
+        raise SweepError(str(e.args[0])) from None
+
+
 def expand_tasks(
-    sweep: Sweep, out_dir: str | os.PathLike, rerooted: dict[str, dict[str, str]] | None = None
+    sweep: Sweep, out_dir: str | os.PathLike, rerooted: dict[str, dict[str, str]] | None = None,
+    stage: str | None = None,
 ) -> list[Task]:
-    """Runs × seeds, run-major. Task i trains in ``<out_dir>/<run>/seed<k>`` (absolute), the same folder on every
-    requeue and every regeneration of the script.
+    """Runs × seeds, run-major, for one stage (``stage``) or every stage one after another (None; a single-stage
+    sweep has one). Task i of a stage trains in ``<out_dir>/<run>/seed<k>`` (absolute; a chained sweep's stage in
+    its subfolder), the same folder on every requeue and every regeneration of the script.
 
     Args:
-        rerooted: per run, extra overrides from :func:`validate_configs` that move paths the config derived from
-            its own ``default_root_dir`` (checkpoint dirpath, logger save_dir) into the task's run folder.
+        rerooted: per :func:`reroot_key`, extra overrides from :func:`validate_configs` that move paths the config
+            derived from its own ``default_root_dir`` (checkpoint dirpath, logger save_dir) into the task's folder.
     """
     out_dir = Path(out_dir).resolve()
     tasks = []
-    for run in sweep.runs:
-        for seed in sweep.seeds:
-            run_dir = out_dir / run.name / f"seed{seed}"
-            fixes = (rerooted or {}).get(run.name, {})
-            args = [
-                *_run_args(sweep, run),
-                *(f"--{k}={v.replace(_RUN_DIR, str(run_dir))}" for k, v in fixes.items()),
-                f"--seed_everything={seed}",
-                f"--trainer.default_root_dir={run_dir}",
-                f"--trainer.devices={sweep.slurm.ntasks_per_node}",
-                f"--trainer.num_nodes={sweep.slurm.nodes}",
-            ]
-            tasks.append(Task(len(tasks), run.name, seed, run_dir, tuple(args)))
+    for st in _stages(sweep, stage):
+        index = 0
+        for run in sweep.runs:
+            for seed in sweep.seeds:
+                run_dir = out_dir / run.name / f"seed{seed}"
+                stage_dir = st.folder(run_dir)
+                fixes = (rerooted or {}).get(reroot_key(st.name, run.name), {})
+                args = [
+                    *_run_args(sweep, st, run, run_dir),
+                    *(f"--{k}={v.replace(_RUN_DIR, str(stage_dir))}" for k, v in fixes.items()),
+                    f"--seed_everything={seed}",
+                    f"--trainer.default_root_dir={stage_dir}",
+                    f"--trainer.devices={st.slurm.ntasks_per_node}",
+                    f"--trainer.num_nodes={st.slurm.nodes}",
+                ]
+                tasks.append(Task(index, run.name, seed, run_dir, tuple(args), st.name, stage_dir))
+                index += 1
     return tasks
 
 
@@ -124,51 +165,61 @@ def _reroot_overrides(config: Any) -> dict[str, str]:
     return out
 
 
-def _explain_failure(sweep: Sweep, run: RunSpec, error: ConfigError) -> SweepError:
+def _who(stage: StageSpec, run: RunSpec) -> str:
+    return f"run {run.name!r}" + (f", stage {stage.name!r}" if stage.name else "")
+
+
+def _explain_failure(sweep: Sweep, stage: StageSpec, run: RunSpec, error: ConfigError) -> SweepError:
     """Which part of a run breaks its config: its config files, one override (by the sweep-file line of that
     override, found by composing the files with each override alone), or only their combination."""
-    base_args = config_args(_config_files(sweep, run))
+    base_args = config_args(_config_files(stage, run))
+    line = run.line
     try:
         parse_config(base_args)
     except ConfigError as e:
         return SweepError(
-            f"{sweep.path}:{run.line}: run {run.name!r}: composing its config files failed "
-            f"({', '.join(str(p) for p in _config_files(sweep, run))}):\n    {_first_lines(str(e))}"
+            f"{sweep.path}:{line}: {_who(stage, run)}: composing its config files failed "
+            f"({', '.join(str(p) for p in _config_files(stage, run))}):\n    {_first_lines(str(e))}"
         )
-    for key, value in {**sweep.overrides, **run.overrides}.items():
+    for key, value in _overrides(sweep, stage, run).items():
         try:
             parse_config([*base_args, *_override_args({key: value})])
         except ConfigError as e:
-            line = run.override_lines.get(key) if key in run.overrides else sweep.override_lines.get(key)
+            at = (run.override_line(stage.name, key) if key in run.overrides_for(stage.name)
+                  else stage.override_lines.get(key) if key in stage.overrides else sweep.override_lines.get(key))
             return SweepError(
-                f"{sweep.path}:{line or run.line}: run {run.name!r}: override `{key}: {value!r}` is not "
+                f"{sweep.path}:{at or line}: {_who(stage, run)}: override `{key}: {value!r}` is not "
                 f"valid for this config:\n    {_first_lines(str(e))}"
             )
-    return SweepError(f"{sweep.path}:{run.line}: run {run.name!r}: its config does not parse:\n"
+    return SweepError(f"{sweep.path}:{line}: {_who(stage, run)}: its config does not parse:\n"
                       f"    {_first_lines(str(error))}")
 
 
 def validate_configs(sweep: Sweep) -> dict[str, dict[str, str]]:
-    """Compose every run's config (base + overlays + overrides + the sweep's own keys) with the CLI parser, as
-    ``gsv3d fit`` will on the cluster, so a typo fails here and not hours later in the queue. Nothing is built.
+    """Compose every run's config of every stage (base + overlays + overrides + the sweep's own keys) with the
+    CLI parser, as ``gsv3d fit`` will on the cluster, so a typo fails here and not hours later in the queue.
+    Nothing is built (a later stage's input checkpoint need not exist yet).
 
     Returns:
-        per run, the re-rooting overrides (see :func:`_reroot_overrides`) to pass to ``write_sweep``.
+        per :func:`reroot_key`, the re-rooting overrides (see :func:`_reroot_overrides`) to pass to
+        ``write_sweep``.
 
     Raises:
-        SweepError: naming the run, the sweep-file line of the offending override (found by re-parsing each
-            override alone) or of the run, and jsonargparse's message.
+        SweepError: naming the run (and stage), the sweep-file line of the offending override (found by re-parsing
+            each override alone) or of the run, and jsonargparse's message.
     """
     scratch = Path(tempfile.gettempdir()) / "gsv3d-sweep-validate"
-    tasks = expand_tasks(sweep, scratch)
-    by_run = {t.run: t for t in tasks}  # one seed per run is enough: seeds differ in seed_everything only
     rerooted: dict[str, dict[str, str]] = {}
-    for run in sweep.runs:
-        try:
-            parse_config(by_run[run.name].args)
-            rerooted[run.name] = _reroot_overrides(parse_config(_run_args(sweep, run)))
-            if rerooted[run.name]:  # the composed config with the moved paths must parse too
-                parse_config(expand_tasks(sweep, scratch, rerooted)[by_run[run.name].index].args)
-        except ConfigError as e:
-            raise _explain_failure(sweep, run, e) from e
+    for stage in sweep.stages:
+        tasks = expand_tasks(sweep, scratch, stage=stage.name)
+        by_run = {t.run: t for t in tasks}  # one seed per run is enough: seeds differ in seed_everything only
+        for run in sweep.runs:
+            key = reroot_key(stage.name, run.name)
+            try:
+                parse_config(by_run[run.name].args)
+                rerooted[key] = _reroot_overrides(parse_config(_run_args(sweep, stage, run)))
+                if rerooted[key]:  # the composed config with the moved paths must parse too
+                    parse_config(expand_tasks(sweep, scratch, rerooted, stage.name)[by_run[run.name].index].args)
+            except ConfigError as e:
+                raise _explain_failure(sweep, stage, run, e) from e
     return rerooted

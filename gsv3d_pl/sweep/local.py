@@ -1,4 +1,8 @@
-"""``gsv3d sweep --local``: the sweep's tasks one after another on this machine, through the same sbatch script."""
+"""``gsv3d sweep --local``: the sweep's tasks one after another on this machine, through the same sbatch scripts.
+
+A chained sweep runs each task's stages in order (task 0: stage 1, stage 2, ...; then task 1, ...), which is what
+``--dependency=aftercorr`` gives on SLURM; a stage that fails skips the later stages of its task only.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,65 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from gsv3d_pl.sweep.expand import Task
 
-__all__ = ["run_local"]
+__all__ = ["run_local", "run_local_stages"]
+
+
+def _env() -> dict[str, str]:
+    # No SLURM_* variables: Lightning must not think it is inside a job (it would pick SLURMEnvironment).
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def _run_task(script: str | os.PathLike, index: int, env: dict[str, str]) -> int:
+    proc = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(index),
+                                                      "GSV3D_SWEEP_LOCAL": "1"}, check=False)
+    return proc.returncode
 
 
 def run_local(script: str | os.PathLike, tasks: Sequence[Task], stream: TextIO | None = None) -> int:
-    """Run the tasks one after another through the same script, without SLURM (``SLURM_*`` variables removed so
-    Lightning does not think it is inside a job). Returns the number of failed tasks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    """Run the tasks one after another through the same script, without SLURM. Returns the number of failed
+    tasks."""
+    env = _env()
     failed = 0
     for t in tasks:
         print(f"[gsv3d sweep --local] task {t.index}/{len(tasks) - 1}: {t.run} seed {t.seed} -> {t.run_dir}",
               file=stream or sys.stdout, flush=True)
-        proc = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(t.index),
-                                                         "GSV3D_SWEEP_LOCAL": "1"}, check=False)
-        if proc.returncode != 0:
+        rc = _run_task(script, t.index, env)
+        if rc != 0:
             failed += 1
-            print(f"[gsv3d sweep --local] task {t.index} failed with exit code {proc.returncode}",
+            print(f"[gsv3d sweep --local] task {t.index} failed with exit code {rc}",
                   file=stream or sys.stderr, flush=True)
+    return failed
+
+
+def run_local_stages(stages: Sequence[tuple[str, str | os.PathLike | Path, Sequence[Task]]],
+                     stream: TextIO | None = None) -> int:
+    """A chained sweep without SLURM: for each task index, every stage's script in order (``stages`` is
+    [(name, script, tasks)] in chain order, the same task indices in each). Returns the number of failed tasks
+    (a task fails at its first failing stage; its later stages are skipped)."""
+    if not stages:
+        return 0
+    env = _env()
+    by_stage = [{t.index: t for t in tasks} for _, _, tasks in stages]
+    indices = sorted(by_stage[0])
+    if any(sorted(b) != indices for b in by_stage):
+        raise ValueError("run_local_stages: every stage must have the same task indices")
+    failed = 0
+    for k in indices:
+        for (name, script, _), tasks in zip(stages, by_stage, strict=True):
+            t = tasks[k]
+            print(f"[gsv3d sweep --local] task {k}/{indices[-1]}, stage {name}: {t.run} seed {t.seed} -> "
+                  f"{t.stage_dir}", file=stream or sys.stdout, flush=True)
+            rc = _run_task(script, k, env)
+            if rc != 0:
+                failed += 1
+                later = [s for s, _, _ in stages[[s for s, _, _ in stages].index(name) + 1:]]
+                print(f"[gsv3d sweep --local] task {k}, stage {name} failed with exit code {rc}"
+                      + (f"; skipping its later stages ({', '.join(later)})" if later else ""),
+                      file=stream or sys.stderr, flush=True)
+                break
     return failed

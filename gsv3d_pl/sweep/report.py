@@ -1,9 +1,15 @@
 """A sweep folder's results: every run × seed's ``metrics.json`` -> the paper's ablation table (``gsv3d report``).
 
-Rows are the runs (the paper's ablation labels), columns :data:`gsv3d_pl.metrics.columns.ABLATION_COLUMNS`; each
-cell is ``mean ± sample std`` over the seeds that have numbers. Seeds that are missing, still running or failed
-are shown as such and listed under the table. Under each run the paper has a row for, the paper's own number
-(Table 2, :func:`gsv3d_pl.metrics.paper_tables.table2_rows`) is printed as ``<label> (paper)``.
+Rows are the runs (the paper's ablation labels, in the paper's order), columns
+:data:`gsv3d_pl.metrics.columns.ABLATION_COLUMNS`; each cell is ``mean ± sample std`` over the seeds that have
+numbers. Seeds that are missing, still running or failed are shown as such and listed under the table. Under each
+run the paper has a row for, the paper's own number (Table 2, :func:`gsv3d_pl.metrics.paper_tables.table2_rows`)
+is printed as ``<label> (paper)``. Under the table, each row is compared with the ``full`` run object by object
+(:mod:`gsv3d_pl.sweep.paired`: mean per-object difference and its bootstrap 95% interval, from the
+``metrics_per_object.csv`` files).
+
+A chained sweep's task is scored by its result stage (the last stage with ``test: true``, e.g. ``distill``: image
+-> SV3D with LoRA -> decoder, end to end); the manifest names it and each task's result folder.
 """
 
 from __future__ import annotations
@@ -18,23 +24,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gsv3d_pl.metrics.columns import ABLATION_COLUMNS
+from gsv3d_pl.metrics.columns import ABLATION_COLUMNS, PER_OBJECT_KEYS, Column
 from gsv3d_pl.metrics.paper_tables import CITATION, table2_row
+from gsv3d_pl.metrics.results import PER_OBJECT_FILE, read_per_object_csv
+from gsv3d_pl.sweep.paired import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedDiff, paired_bootstrap, paired_differences
 from gsv3d_pl.sweep.spec import ABLATION_LABELS, MANIFEST, SweepError
 
-__all__ = ["RunResult", "collect_results", "format_table"]
+__all__ = ["RunResult", "collect_results", "format_table", "paired_comparison", "PAIRED_COLUMNS"]
+
+# The columns with a value per object (FID and KID are statistics of the whole set of views): the paired comparison.
+PAIRED_COLUMNS: tuple[Column, ...] = tuple(c for c in ABLATION_COLUMNS if c.key in PER_OBJECT_KEYS)
 
 
 @dataclass
 class RunResult:
-    """One run's row: per-seed status (``ok`` | ``missing`` | ``running`` | ``failed`` | ``invalid``) and the
-    metric values of the ``ok`` seeds."""
+    """One run's row: per-seed status (``ok`` | ``missing`` | ``running`` | ``failed`` | ``invalid``), the
+    metric values of the ``ok`` seeds, and for each ``ok`` seed the folder its metrics came from (where the
+    per-object CSV is). ``stage``: the chained sweep's stage that scored it (None: a single-stage sweep)."""
 
     name: str
     label: str
     seeds: dict[int, str] = field(default_factory=dict)
     values: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    result_dirs: dict[int, Path] = field(default_factory=dict)
+    stage: str | None = None
 
     @property
     def num_ok(self) -> int:
@@ -56,65 +70,141 @@ def _read_metrics(path: Path) -> dict[str, float | None]:
     return out
 
 
+def _relocate(sweep_dir: Path, recorded: str | None, run: str, seed: int, tail: str = "") -> Path:
+    """A manifest's absolute folder, or the same folder under where the sweep folder is now (it may have been
+    copied or mounted elsewhere)."""
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return sweep_dir / run / f"seed{seed}" / tail if tail else sweep_dir / run / f"seed{seed}"
+
+
+def _scan_result_dir(run_dir: Path) -> Path:
+    """Without a manifest: the run folder if it has metrics.json, else its newest ``<stage>/metrics.json``."""
+    if (run_dir / "metrics.json").is_file():
+        return run_dir
+    found = sorted(run_dir.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else run_dir
+
+
 def collect_results(sweep_dir: str | os.PathLike) -> list[RunResult]:
     """Every run × seed of a sweep folder, in the sweep's order. Uses ``sweep.json`` (written by ``gsv3d sweep``)
     to know what was expected, so a task that never started shows as ``missing``; without it, scans
-    ``<dir>/<run>/seed<k>/``. Status of a task: ``ok`` (metrics.json read), ``failed`` (a ``FAILED`` marker),
-    ``invalid`` (unreadable metrics.json), ``running`` (folder exists, no metrics yet), ``missing`` (no folder)."""
+    ``<dir>/<run>/seed<k>/``. Status of a task: ``ok`` (metrics.json of its result stage read), ``failed`` (a
+    ``FAILED`` marker in one of its stage folders), ``invalid`` (unreadable metrics.json), ``running`` (folder
+    exists, no metrics yet), ``missing`` (no folder)."""
     sweep_dir = Path(sweep_dir)
     manifest_path = sweep_dir / MANIFEST
+    stage_names: list[str] = []
+    result_stage: str | None = None
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
             runs = [(r["name"], r["label"]) for r in manifest["runs"]]
-            tasks = [(t["run"], int(t["seed"]), Path(t["run_dir"])) for t in manifest["tasks"]]
+            stage_names = [st["name"] for st in manifest.get("stages", [])]
+            result_stage = manifest.get("result_stage")
+            tasks = []
+            for t in manifest["tasks"]:
+                run, seed = t["run"], int(t["seed"])
+                run_dir = _relocate(sweep_dir, t["run_dir"], run, seed)
+                result = _relocate(sweep_dir, t.get("result_dir"), run, seed, result_stage or "") if stage_names \
+                    else run_dir
+                tasks.append((run, seed, run_dir, result))
         except (ValueError, KeyError, TypeError) as e:
             raise SweepError(f"{manifest_path}: not a gsv3d sweep manifest ({e}); regenerate it with `gsv3d sweep`") \
                 from e
-        # Resolve the run folders relative to where the sweep folder is now (it may have been copied).
-        tasks = [(r, s, sweep_dir / r / f"seed{s}") if not d.is_dir() else (r, s, d) for r, s, d in tasks]
     else:
-        tasks = sorted(
+        found = sorted(
             (p.parent.name, int(p.name[4:]), p)
             for p in sweep_dir.glob("*/seed*")
             if p.is_dir() and p.name[4:].isdigit()
         )
-        if not tasks:
+        if not found:
             raise SweepError(f"{sweep_dir}: no {MANIFEST} and no <run>/seed<k>/ folders: is this a sweep folder?")
-        names = list(dict.fromkeys(r for r, _, _ in tasks))
+        tasks = [(r, s, d, _scan_result_dir(d)) for r, s, d in found]
+        names = list(dict.fromkeys(r for r, _, _, _ in tasks))
         order = list(ABLATION_LABELS)
         names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
         runs = [(n, ABLATION_LABELS.get(n, n)) for n in names]
-    results = {name: RunResult(name, label) for name, label in runs}
-    for run, seed, run_dir in tasks:
-        res = results[run]
-        metrics = run_dir / "metrics.json"
-        if metrics.is_file():
-            try:
-                values = _read_metrics(metrics)
-            except (ValueError, OSError) as e:
-                res.seeds[seed] = "invalid"
-                res.notes.append(f"seed {seed}: {metrics}: {e}")
-                continue
-            res.seeds[seed] = "ok"
-            for key, v in values.items():
-                if v is not None:
-                    res.values.setdefault(key, []).append(v)
-        elif (run_dir / "FAILED").is_file():
-            res.seeds[seed] = "failed"
-            reason = (run_dir / "FAILED").read_text().strip()
-            res.notes.append(f"seed {seed}: failed: {reason} (logs: {sweep_dir}/slurm/)")
-        elif (run_dir / "test.done").is_file():
-            res.seeds[seed] = "failed"
-            res.notes.append(f"seed {seed}: `gsv3d test` finished but wrote no metrics.json (are the metric callbacks "
-                             f"in the config?)")
-        elif run_dir.is_dir():
-            res.seeds[seed] = "running"
-            res.notes.append(f"seed {seed}: no metrics.json yet (still running, or killed: see {sweep_dir}/slurm/)")
-        else:
-            res.seeds[seed] = "missing"
-            res.notes.append(f"seed {seed}: not started ({run_dir} does not exist)")
+    results = {name: RunResult(name, label, stage=result_stage) for name, label in runs}
+    for run, seed, run_dir, result_dir in tasks:
+        _collect_task(results[run], seed, run_dir, result_dir, stage_names, sweep_dir)
     return list(results.values())
+
+
+def _collect_task(res: RunResult, seed: int, run_dir: Path, result_dir: Path, stage_names: list[str],
+                  sweep_dir: Path) -> None:
+    """One task's status and numbers into ``res`` (see :func:`collect_results`)."""
+    metrics = result_dir / "metrics.json"
+    stage_dirs = [run_dir / s for s in stage_names] or [run_dir]
+    failed = next((d for d in stage_dirs if (d / "FAILED").is_file()), None)
+    if metrics.is_file():
+        try:
+            values = _read_metrics(metrics)
+        except (ValueError, OSError) as e:
+            res.seeds[seed] = "invalid"
+            res.notes.append(f"seed {seed}: {metrics}: {e}")
+            return
+        res.seeds[seed] = "ok"
+        res.result_dirs[seed] = result_dir
+        for key, v in values.items():
+            if v is not None:
+                res.values.setdefault(key, []).append(v)
+    elif failed is not None:
+        res.seeds[seed] = "failed"
+        reason = (failed / "FAILED").read_text().strip()
+        res.notes.append(f"seed {seed}: failed: {reason} (logs: {sweep_dir}/slurm/)")
+    elif (result_dir / "test.done").is_file():
+        res.seeds[seed] = "failed"
+        res.notes.append(f"seed {seed}: `gsv3d test` finished but wrote no metrics.json (are the metric callbacks "
+                         f"in the config?)")
+    elif run_dir.is_dir():
+        res.seeds[seed] = "running"
+        done = [s for s in stage_names if (run_dir / s / "fit.done").is_file()]
+        where = f"; stages with fit.done: {', '.join(done) or 'none'}" if stage_names else ""
+        res.notes.append(f"seed {seed}: no metrics.json yet (still running, or killed: see {sweep_dir}/slurm/"
+                         f"{where})")
+    else:
+        res.seeds[seed] = "missing"
+        res.notes.append(f"seed {seed}: not started ({run_dir} does not exist)")
+
+
+def _per_object(res: RunResult) -> dict[int, dict[str, dict[str, float]]]:
+    """{seed: per-object CSV} of the ``ok`` seeds that have one."""
+    out = {}
+    for seed, folder in res.result_dirs.items():
+        path = folder / PER_OBJECT_FILE
+        if path.is_file():
+            out[seed] = read_per_object_csv(path)
+    return out
+
+
+def paired_comparison(results: Sequence[RunResult], reference: str = "full",
+                      num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                      ) -> dict[str, dict[str, PairedDiff | None]]:
+    """Every run but ``reference`` against ``reference``, per column of :data:`PAIRED_COLUMNS`: the mean
+    per-object difference (row − reference; objects paired by uid within the same seed, averaged over seeds) and
+    its percentile-bootstrap 95% interval over objects (:func:`~gsv3d_pl.sweep.paired.paired_bootstrap`, fixed RNG
+    ``seed``). None where no object has both values. Empty when there is no ``reference`` run with per-object
+    CSVs."""
+    ref = next((r for r in results if r.name == reference), None)
+    ref_objects = _per_object(ref) if ref is not None else {}
+    if not ref_objects:
+        return {}
+    out: dict[str, dict[str, PairedDiff | None]] = {}
+    for res in results:
+        if res.name == reference:
+            continue
+        objects = _per_object(res)
+        row: dict[str, PairedDiff | None] = {}
+        for col in PAIRED_COLUMNS:
+            diffs, n_seeds = paired_differences(objects, ref_objects, col.key)
+            if not diffs:
+                row[col.key] = None
+                continue
+            mean, lo, hi = paired_bootstrap(list(diffs.values()), num_resamples, seed)
+            row[col.key] = PairedDiff(col.key, mean, lo, hi, len(diffs), n_seeds)
+        out[res.name] = row
+    return out
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -132,12 +222,14 @@ def _status_word(res: RunResult) -> str:
     return "missing"
 
 
-def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = True) -> str:
+def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = True, paired: bool = True,
+                 reference: str = "full", num_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
     """The ablation table. ``md``: one row per run, ``mean ± std`` over the seeds with numbers (std only with
     ≥ 2 seeds), ``(k/n seeds)`` when some are missing, a status word when none has numbers, then notes naming
     every missing/failed seed; with ``paper``, the paper's Table 2 row under each run that has one (``–`` for the
-    columns Table 2 does not report). ``csv``: machine-readable, one row per run with ``<metric>_mean``, ``<metric>_std``,
-    ``num_ok``, ``num_seeds`` and ``status`` columns."""
+    columns Table 2 does not report); with ``paired``, a second table comparing each run with ``reference`` object
+    by object (:func:`paired_comparison`). ``csv``: machine-readable, one row per run with ``<metric>_mean``,
+    ``<metric>_std``, ``num_ok``, ``num_seeds`` and ``status`` columns."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -178,20 +270,65 @@ def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = Tr
         rows.append(row)
     if paper:
         rows = _with_paper_rows(results, rows)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    out = _markdown(header, rows)
     seeds = sorted({len(r.seeds) for r in results})
     out.append("")
     out.append(f"mean ± sample std over {'/'.join(map(str, seeds))} seed(s); n/a: metric not computed.")
+    stages = sorted({r.stage for r in results if r.stage})
+    if stages:
+        out.append(f"Every row is scored by `gsv3d test` of the chain's stage {', '.join(stages)} "
+                   f"(<run>/seed<k>/{stages[0]}/metrics.json).")
     if paper and any(table2_row(r.name) for r in results):
         out.append(f"(paper): {CITATION}, Table 2, as published (its test set; appearance only, – = not reported; "
                    "its KID is in percent, ours is the raw MMD²: ×100 to compare).")
+    if paired:
+        out += _paired_section(results, reference, num_resamples)
     notes = [f"- {r.label} ({r.name}) {n}" for r in results for n in r.notes]
     if notes:
         out += ["", "Incomplete runs:", *notes]
     return "\n".join(out) + "\n"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return out + ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+
+
+def _format_diff(col: Column, value: float) -> str:
+    """A difference with the column's decimals; one too small for them (but not 0) in e-notation, so that a real
+    but tiny difference (an interval that excludes 0) never reads "0.000 [0.000, 0.000]*"."""
+    if value != 0.0 and abs(value) < 0.5 * 10.0 ** -col.decimals:
+        return f"{value:.1e}"
+    return col.format(value + 0.0)  # + 0.0: no "-0.000"
+
+
+def _paired_section(results: Sequence[RunResult], reference: str, num_resamples: int) -> list[str]:
+    """The per-object comparison with ``reference`` (empty when it has no per-object CSVs or is the only row)."""
+    comparison = paired_comparison(results, reference, num_resamples)
+    if not comparison:
+        return []
+    ref_label = next(r.label for r in results if r.name == reference)
+    header = ["Difference", *(f"Δ{c.header()}" for c in PAIRED_COLUMNS), "objects × seeds"]
+    rows = []
+    for res in results:
+        if res.name not in comparison:
+            continue
+        diffs = comparison[res.name]
+        cells = []
+        for col in PAIRED_COLUMNS:
+            d = diffs.get(col.key)
+            cells.append("n/a" if d is None else f"{_format_diff(col, d.mean)} [{_format_diff(col, d.lo)}, "
+                         f"{_format_diff(col, d.hi)}]{'*' if d.excludes_zero else ''}")
+        sizes = {(d.num_objects, d.num_seeds) for d in diffs.values() if d is not None}
+        count = ", ".join(f"{n} × {k}" for n, k in sorted(sizes)) if sizes else "no per-object CSV"
+        rows.append([f"{res.label} − {ref_label}", *cells, count])  # not the bare label: one row per name
+    return ["", f"Paired comparison with {ref_label} ({reference}): Δ = row − {ref_label} on the same object "
+            "(object id) and seed, averaged over seeds; mean Δ [95% CI: percentile bootstrap over objects, "
+            f"{num_resamples} resamples, RNG seed {BOOTSTRAP_SEED}]; * = the interval excludes 0. From each "
+            f"task's {PER_OBJECT_FILE}; FID and KID are statistics of the whole set of views (no per-object value).",
+            "", *_markdown(header, rows)]
 
 
 def _with_paper_rows(results: Sequence[RunResult], rows: list[list[str]]) -> list[list[str]]:

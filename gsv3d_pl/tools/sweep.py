@@ -1,11 +1,13 @@
 """``gsv3d sweep SWEEP.yaml [--dry-run | --submit | --local] [--out runs/NAME] [--no-validate]``.
 
-Checks the sweep file (schema, config files, every run's composed config against the CLI parser), writes
-``<out>/sweep.sbatch``, ``<out>/tasks.txt`` and ``<out>/sweep.json``, then:
+Checks the sweep file (schema, config files, every run's composed config of every stage against the CLI parser),
+writes ``<out>/sweep.sbatch`` (a chained sweep: ``<out>/<stage>.sbatch`` per stage and ``<out>/submit.sh``),
+``<out>/tasks.txt`` and ``<out>/sweep.json``, then:
 
-- ``--dry-run`` (the default) prints the script;
-- ``--submit`` runs ``sbatch`` and prints the array job id;
-- ``--local`` runs the tasks one after another on this machine, without SLURM.
+- ``--dry-run`` (the default) prints the script(s); for a chained sweep first the stages and their dependencies;
+- ``--submit`` runs ``sbatch`` (a chained sweep: one array job per stage, each later one with
+  ``--dependency=aftercorr:<previous job id>``) and prints the job id(s);
+- ``--local`` runs the tasks one after another on this machine, without SLURM (each task's stages in order).
 
 Nothing is written or submitted when a check fails; the message names the sweep file's line.
 """
@@ -16,15 +18,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsv3d_pl.sweep import SweepError, load_sweep, run_local, submit, validate_configs, write_sweep
+from gsv3d_pl.sweep import (
+    SweepError,
+    describe_chain,
+    load_sweep,
+    run_local,
+    run_local_stages,
+    submit,
+    submit_chain,
+    validate_configs,
+    write_sweep_files,
+)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gsv3d sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", help="sweep YAML, e.g. configs/sweeps/ablations.yaml")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="write the files and print the sbatch script (default)")
-    mode.add_argument("--submit", action="store_true", help="submit the array job with sbatch; prints its id")
+    mode.add_argument("--dry-run", action="store_true", help="write the files and print the sbatch script(s) (default)")
+    mode.add_argument("--submit", action="store_true", help="submit the array job(s) with sbatch; prints the id(s)")
     mode.add_argument("--local", action="store_true", help="run every task here, one after another, no SLURM")
     parser.add_argument("--out", default=None, help="sweep folder (default: runs/<name from the sweep file>)")
     parser.add_argument("--no-validate", action="store_true",
@@ -41,28 +53,44 @@ def main(argv: list[str]) -> int:
         print(f"gsv3d sweep: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or Path("runs") / sweep.name)
-    for run, fixes in (rerooted or {}).items():
+    for key, fixes in (rerooted or {}).items():
         if fixes:
-            print(f"gsv3d sweep: run {run}: {', '.join(fixes)} had paths under the config's own default_root_dir; "
-                  "moved under each task's run folder", file=sys.stderr)
-    script, tasks_file, tasks = write_sweep(sweep, out, rerooted=rerooted)
-    print(f"gsv3d sweep: {len(sweep.runs)} runs x {len(sweep.seeds)} seeds = {len(tasks)} tasks -> {script}, "
-          f"{tasks_file}", file=sys.stderr)
+            print(f"gsv3d sweep: run {key}: {', '.join(fixes)} had paths under the config's own default_root_dir; "
+                  "moved under each task's folder", file=sys.stderr)
+    if sweep.result_stage is None:
+        print("gsv3d sweep: note: no stage has `test: true`: the tasks only train and `gsv3d report` will have no "
+              "numbers", file=sys.stderr)
+    files = write_sweep_files(sweep, out, rerooted=rerooted)
+    n = sweep.num_tasks
+    stages = f" x {len(sweep.stages)} stages" if files.chained else ""
+    print(f"gsv3d sweep: {len(sweep.runs)} runs x {len(sweep.seeds)} seeds = {n} tasks{stages} -> "
+          f"{', '.join(str(f.script) for f in files.stages)}, {files.tasks_file}", file=sys.stderr)
 
     if args.submit:
         try:
-            job_id = submit(script)
+            jobs = submit_chain(files) if files.chained else [("", submit(files.stages[0].script))]
         except RuntimeError as e:
             print(f"gsv3d sweep: error: {e}", file=sys.stderr)
             return 1
-        print(job_id)
-        print(f"gsv3d sweep: submitted array job {job_id}. Follow it with `squeue -j {job_id}`, logs in "
+        for _, job_id in jobs:
+            print(job_id)
+        chain = "; ".join(f"stage {s}: {j}" + (f" (aftercorr:{jobs[i - 1][1]})" if i else "")
+                          for i, (s, j) in enumerate(jobs)) if files.chained else f"array job {jobs[0][1]}"
+        print(f"gsv3d sweep: submitted {chain}. Follow with `squeue -j {','.join(j for _, j in jobs)}`, logs in "
               f"{out}/slurm/; table: gsv3d report {out}", file=sys.stderr)
         return 0
     if args.local:
-        failed = run_local(script, tasks)
-        print(f"gsv3d sweep: {len(tasks) - failed}/{len(tasks)} tasks finished; table: gsv3d report {out}",
-              file=sys.stderr)
+        if files.chained:
+            failed = run_local_stages([(f.name, f.script, f.tasks) for f in files.stages])
+        else:
+            failed = run_local(files.stages[0].script, files.stages[0].tasks)
+        print(f"gsv3d sweep: {n - failed}/{n} tasks finished; table: gsv3d report {out}", file=sys.stderr)
         return 1 if failed else 0
-    print(script.read_text(), end="")
+    if files.chained:
+        print(describe_chain(files), end="")
+        for f in files.stages:
+            print(f"\n# ==> {f.script} <==")
+            print(f.script.read_text(), end="")
+        return 0
+    print(files.stages[0].script.read_text(), end="")
     return 0
