@@ -1,6 +1,6 @@
 """Time of ``gsv3d export-mesh`` per step, and its round-trip accuracy, on Gaussians made from toy objects.
 
-    python benchmarks/bench_export_mesh.py [--gaussians 100000] [--objects 0 8] [--repeats 3]
+    python benchmarks/bench_export_mesh.py [--gaussians 100000] [--objects 0 8] [--repeats 3] [--inset 0 0.4]
 
 For each toy object (datamodules/toy.py, normalised to the unit bounding box) ``--gaussians`` surfels are sampled on
 its surface with its colours (:func:`gsv3d_pl.export.roundtrip.gaussians_on_mesh`) and exported at the default
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faces", type=int, default=None, help="override the default target face count")
     p.add_argument("--texture-size", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--inset", type=float, nargs="+", default=None,
+                   help="ridge inset(s) to compare in one run (default: the setting's default only)")
     args = p.parse_args(argv)
 
     import torch
@@ -64,20 +66,23 @@ def main(argv: list[str] | None = None) -> int:
         warm, _ = toy_gaussians(args.objects[0], 2000)
         export_mesh(warm, os.path.join(tmp, "warm.glb"), ExportSettings(resolution=32, faces=500, texture_size=64,
                                                                           bake_views=2, bake_size=32))
-        header = f"{'object':<14}" + "".join(f"{name:>22}" for name in (*STEPS, "total")) + f"{'IoU':>7}{'PSNR':>7}"
+        insets = args.inset if args.inset is not None else [s.inset]
+        header = f"{'object':<14}{'inset':>6}" + "".join(f"{name:>22}" for name in (*STEPS, "total")) + f"{'IoU':>7}{'PSNR':>7}"
         print(header)
         for idx in args.objects:
             g, family = toy_gaussians(idx, args.gaussians)
-            runs = []
-            out = os.path.join(tmp, f"{idx}.glb")
-            for _ in range(args.repeats):
-                mesh, _ = export_mesh(g, out, s)
-                runs.append(mesh.timings)
-            med = {k: statistics.median(r[k] for r in runs) for k in STEPS}
-            total = statistics.median(sum(r.values()) for r in runs)
-            m = compare_renders(g, out, cams.c2w, cams.K, 256)
-            print(f"{f'{idx} {family}':<14}" + "".join(f"{med[k]:>21.2f}s" for k in STEPS) + f"{total:>21.2f}s"
-                  f"{m['iou']:>7.3f}{m['psnr']:>7.2f}", flush=True)
+            for inset in insets:
+                s.inset = inset
+                runs = []
+                out = os.path.join(tmp, f"{idx}.glb")
+                for _ in range(args.repeats):
+                    mesh, _ = export_mesh(g, out, s)
+                    runs.append(mesh.timings)
+                med = {k: statistics.median(r[k] for r in runs) for k in STEPS}
+                total = statistics.median(sum(r.values()) for r in runs)
+                m = compare_renders(g, out, cams.c2w, cams.K, 256)
+                print(f"{f'{idx} {family}':<14}{inset:>6g}" + "".join(f"{med[k]:>21.2f}s" for k in STEPS)
+                      + f"{total:>21.2f}s{m['iou']:>7.3f}{m['psnr']:>7.2f}", flush=True)
     return 0
 
 

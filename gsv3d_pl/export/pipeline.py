@@ -69,7 +69,8 @@ def gaussians_to_mesh(gaussians, settings: ExportSettings | None = None, progres
     try:
         t = time.perf_counter()
         grid = surface_grid(g.means, g.scales, g.opacities, s.resolution)
-        v, f = extract_surface(g.means, g.quats, g.scales, g.opacities, grid, iso=s.iso, filter_voxels=s.filter)
+        v, f = extract_surface(g.means, g.quats, g.scales, g.opacities, grid, iso=s.iso, filter_voxels=s.filter,
+                               inset=s.inset)
         v, f = drop_small_components(v, f, s.min_component)
         t = step("density + iso-surface", t)
         v, f = simplify_mesh(v, f, s.faces)

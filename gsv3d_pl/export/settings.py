@@ -17,6 +17,7 @@ class ExportSettings:
     resolution: int = 128  # grid cells per side of the object's bounding cube
     iso: float = 0.5  # density level of the surface
     filter: float = 0.5  # low-pass of the density, in voxels
+    inset: float = 0.4  # fraction of the way each vertex moves inward to the density's ridge (the centres)
     faces: int = 20_000  # target triangle count after simplification
     texture_size: int = 1024  # texture side in texels
     bake_views: int = 16  # cameras on a sphere the texture is baked from
@@ -36,5 +37,8 @@ class ExportSettings:
             raise ValueError(f"--filter must be > 0 (voxels), got {self.filter}")
         if not self.iso > 0:
             raise ValueError(f"--iso must be > 0 (a density level), got {self.iso}")
+        if not 0 <= self.inset <= 1:
+            raise ValueError(f"--inset must be in [0, 1] (a fraction of the way to the density's ridge), "
+                             f"got {self.inset}")
         if not 0 <= self.min_component < 1:
             raise ValueError(f"--min-component must be in [0, 1), got {self.min_component}")

@@ -30,6 +30,11 @@ CLOSURE_FILTER = 1.0
 # inside the coarse solid's border, the sharp shell's inner sheet ~3-4 voxels in (each ~σ·sqrt(2 ln(peak / iso))
 # from the Gaussians' centres, σ including the filter; the coarse border is quantised to 2 voxels).
 OUTSIDE_REACH = 2.5
+# The farthest (fine voxels) the ridge inset moves a vertex, and the step of its search along the normal.
+MAX_INSET = 2.0
+_RIDGE_STEP = 0.25
+# What the inset leaves of a part whose two sides' ridges merge (voxels): a thin slab, not a zero-width sheet.
+_MIN_HALF_THICKNESS = 0.5
 
 
 class NoSurfaceError(ValueError):
@@ -75,8 +80,8 @@ def surface_grid(means: Tensor, scales: Tensor, opacities: Tensor, resolution: i
 
 @torch.no_grad()
 def extract_surface(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, grid: SurfaceGrid,
-                    iso: float = 0.5, filter_voxels: float = 0.5, close_iters: int = 1
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    iso: float = 0.5, filter_voxels: float = 0.5, close_iters: int = 1, inset: float = 0.0,
+                    max_inset: float = MAX_INSET) -> tuple[np.ndarray, np.ndarray]:
     """The outer iso-surface ``d(x) = iso`` of the Gaussians' density on ``grid``.
 
     Args:
@@ -89,6 +94,9 @@ def extract_surface(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
             radius outside the centres, where the splats' own silhouette is, while a Gaussian thinner than a
             voxel still reaches its neighbouring voxel centres.
         close_iters: pinholes of up to this many voxels are sealed before the interior is filled.
+        inset: each vertex moves this fraction of the way inward to the density's ridge along its normal
+            (:func:`inset_to_ridge`); 0 keeps the iso-surface.
+        max_inset: the farthest (voxels) a vertex moves.
     Returns:
         vertices [V, 3] float32 (world), faces [F, 3] int64, outward-facing (counter-clockwise seen from outside).
     Raises:
@@ -123,14 +131,67 @@ def extract_surface(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
 
     from skimage import measure
 
-    verts, faces, _, _ = measure.marching_cubes(field, level=iso, spacing=(grid.voxel,) * 3,
-                                                gradient_direction="descent", allow_degenerate=False)
+    verts, faces, normals, _ = measure.marching_cubes(field, level=iso, gradient_direction="descent",
+                                                      allow_degenerate=False)  # in padded voxel indices
+    if inset > 0:
+        verts = inset_to_ridge(verts, normals, np.pad(dens, 1), field, iso, inset, max_inset)
     # Grid index i (after the 1-voxel pad) has its centre at -half + (i - 1 + 0.5) * voxel around ``center``.
-    verts = verts + (grid.center - grid.half - 0.5 * grid.voxel)[None]
+    verts = verts * grid.voxel + (grid.center - grid.half - 0.5 * grid.voxel)[None]
     # skimage returns triangles wound clockwise seen along the normal it reports; glTF wants counter-clockwise
     # seen from outside, so swap two corners.
     faces = faces[:, [0, 2, 1]]
     return verts.astype(np.float32), faces.astype(np.int64)
+
+
+def inset_to_ridge(verts: np.ndarray, normals: np.ndarray, dens: np.ndarray, field: np.ndarray, iso: float,
+                   fraction: float, max_voxels: float = MAX_INSET) -> np.ndarray:
+    """Move iso-surface vertices inward along their normals toward the density's ridge (the Gaussians' centres).
+
+    The iso-surface ``d = iso`` of a shell of Gaussians lies ``σ·sqrt(2 ln(peak / iso))`` outside their centres
+    (σ: the Gaussians' thickness plus the filter), ~1 voxel for thin surfels, while their renders' silhouette and
+    depth hug the centres. Along each vertex's inward normal the density rises to the shell's ridge (the centres)
+    and falls again; the vertex moves ``fraction`` of the way to that maximum, found on samples every
+    ``_RIDGE_STEP`` voxels (trilinear) and refined by a parabola, at most ``max_voxels`` (where the density still
+    rises there, a filled solid rather than a shell, it moves ``fraction · max_voxels``). A part thin enough for
+    both sides' ridges to merge keeps at least ``_MIN_HALF_THICKNESS`` voxels each side of its middle (half the
+    distance to where ``field`` falls below ``iso`` again along the normal).
+
+    Args:
+        verts: [V, 3] marching-cubes vertices in ``dens``' voxel indices; normals: [V, 3] outward unit normals.
+        dens: the sharp density; field: what marching cubes ran on (interior raised above ``iso``); same shape.
+    Returns:
+        [V, 3] moved vertices (voxel indices).
+    """
+    from scipy.ndimage import map_coordinates
+
+    n = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    reach = 2 * max_voxels + 2 * _MIN_HALF_THICKNESS  # far enough to see a thin part's other side
+    s = np.arange(0.0, reach + 1e-6, _RIDGE_STEP, dtype=np.float32)  # [S] distances inward (voxels)
+    out = np.empty_like(verts)
+    for a in range(0, len(verts), 1 << 16):  # bounded memory: [3, chunk · S] sample coordinates
+        v, nv = verts[a:a + (1 << 16)], n[a:a + (1 << 16)]
+        pts = v[:, None, :] - s[None, :, None] * nv[:, None, :]  # [c, S, 3]
+        coords = pts.reshape(-1, 3).T
+        d = map_coordinates(dens, coords, order=1, mode="constant", cval=0.0).reshape(len(v), -1)  # [c, S]
+        f = map_coordinates(field, coords, order=1, mode="constant", cval=0.0).reshape(len(v), -1)
+        # The other side: the first sample (past the start) where the field drops below iso again.
+        below = (f < iso) & (s[None] > _RIDGE_STEP)
+        other = np.where(below.any(1), s[np.argmax(below, 1)], np.inf)  # [c]
+        limit = np.minimum(max_voxels, np.maximum(other / 2 - _MIN_HALF_THICKNESS, 0.0))  # [c]
+        dm = np.where(s[None] <= limit[:, None] + 1e-6, d, -np.inf)
+        k = np.argmax(dm, 1)  # [c] the ridge sample within the limit
+        # Parabolic refinement around an interior maximum.
+        kk = np.clip(k, 1, len(s) - 2)
+        rows = np.arange(len(v))
+        y0, y1, y2 = dm[rows, kk - 1], dm[rows, kk], dm[rows, kk + 1]
+        fin = np.isfinite(y0) & np.isfinite(y1) & np.isfinite(y2)  # all three within the limit
+        y0, y1, y2 = (np.where(fin, y, 0.0) for y in (y0, y1, y2))  # no inf arithmetic where not refined
+        den = y0 - 2 * y1 + y2
+        ok = (k == kk) & fin & (den < 0)
+        shift = np.where(ok, 0.5 * (y0 - y2) / np.where(ok, den, -1.0), 0.0)
+        depth = np.clip((k + np.clip(shift, -0.5, 0.5)) * _RIDGE_STEP, 0.0, limit)
+        out[a:a + len(v)] = v - (fraction * depth)[:, None] * nv
+    return out
 
 
 def drop_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import logging
 import os
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from gsv3d_pl.batch import MultiViewBatch
@@ -74,7 +74,8 @@ class DistillStage(DistillEvaluation, StageBase):
             needs). L_3D stays a mean over the batch, the dropped objects weighted 0 (as ``sigma_3d_max`` does).
         decoder_gradient_checkpointing: recompute the frozen decoder's transformer blocks in backward while L_3D
             backpropagates through it to D (the decoder's ``gradient_checkpointing``; gradients are unchanged,
-            activation memory drops to one block's). Its stage-1 setting is not used here.
+            activation memory drops to one block's). Its stage-1 setting is not used here. A decoder without the
+            attribute trains unchanged, with a warning.
         cond_aug: noise augmentation of the conditioning image (SV3D inference uses 1e-5).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW + warmup + cosine over the LoRA parameters.
         val_sample_steps: Euler-EDM steps of the validation sampler (generated orbit -> decoder -> novel views).
@@ -150,12 +151,15 @@ class DistillStage(DistillEvaluation, StageBase):
         self.decoder_ckpt = str(decoder_ckpt)
         decoder, meta = load_decoder(decoder_ckpt)  # fails here, at start, if missing or unreadable
         self.decoder = freeze(decoder)
-        if decoder_gradient_checkpointing and not hasattr(decoder, "gradient_checkpointing"):
-            raise ValueError(f"model.init_args.decoder_gradient_checkpointing is true but the decoder of "
-                             f"{self.decoder_ckpt!r} ({type(decoder).__name__}) has no gradient_checkpointing "
-                             "attribute: set the key to false")
         if hasattr(decoder, "gradient_checkpointing"):
             decoder.gradient_checkpointing = bool(decoder_gradient_checkpointing)
+        elif decoder_gradient_checkpointing:
+            # A decoder of the user's own need not support it: checkpointing only saves memory, never changes a
+            # gradient, so going on without it is safe; say so once.
+            rank_zero_warn(f"model.init_args.decoder_gradient_checkpointing is true but the decoder of "
+                           f"{self.decoder_ckpt!r} ({type(decoder).__name__}) has no gradient_checkpointing "
+                           "attribute: L_3D backpropagates through it without checkpointing (more memory). "
+                           "Set the key to false to silence this.")
         check_dino(dino, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         check_vae_factor(vae, decoder, f"{DECODER_CKPT_KEY} {self.decoder_ckpt!r}")
         self._check_encoders(meta)

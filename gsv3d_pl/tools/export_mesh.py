@@ -29,6 +29,9 @@ def add_export_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     a("resolution", type=int, default=_D.resolution, help="density grid cells per side of the object's bounding cube")
     a("iso", type=float, default=_D.iso, help="density level of the surface (opacity-weighted Gaussian sum)")
     a("filter", type=float, default=_D.filter, help="isotropic low-pass of the density, in voxels")
+    a("inset", type=float, default=_D.inset,
+      help="fraction of the way each surface vertex moves inward to the density's ridge (the Gaussians' centres); "
+           "0 keeps the iso-surface")
     a("faces", type=int, default=_D.faces, help="target triangle count after simplification")
     a("texture-size", type=int, default=_D.texture_size, help="texture side in texels")
     a("bake-views", type=int, default=_D.bake_views, help="cameras on a sphere the texture is baked from")
@@ -42,7 +45,8 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "") -> ExportSett
     """The :class:`ExportSettings` of parsed flags (see :func:`add_export_flags`)."""
     p = prefix.replace("-", "_")
     get = lambda name: getattr(args, p + name)  # noqa: E731
-    return ExportSettings(resolution=get("resolution"), iso=get("iso"), filter=get("filter"), faces=get("faces"),
+    return ExportSettings(resolution=get("resolution"), iso=get("iso"), filter=get("filter"), inset=get("inset"),
+                          faces=get("faces"),
                           texture_size=get("texture_size"), bake_views=get("bake_views"),
                           bake_size=get("bake_size"), min_component=get("min_component"), unlit=get("unlit"))
 
