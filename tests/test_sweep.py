@@ -476,3 +476,18 @@ def test_requeue_signal_switch(standin, tmp_path):
     f = write_sweep_file(tmp_path / "s.yaml", f"base: {standin}\nruns: [{{name: a}}]\nslurm:\n  signal: B:USR1\n")
     with pytest.raises(SweepError, match=r"s.yaml:4: `slurm.signal` must be a signal name"):
         load_sweep(f)
+
+
+def test_local_runner_calls_the_gsv3d_of_its_own_environment(tmp_path, monkeypatch):
+    """`.venv/bin/gsv3d sweep --local` with the venv not activated (as `make paper-tiny` runs it): the scripts'
+    `gsv3d` must resolve to the running environment's, not fail with exit 127 or pick another install."""
+    from gsv3d_pl.sweep.local import _env, _run_task
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = tmp_path / "which.txt"
+    monkeypatch.setenv("WHICH_OUT", str(found))
+    script = tmp_path / "task.sh"
+    script.write_text('command -v gsv3d > "$WHICH_OUT"\n')
+    assert _run_task(script, 0, _env()) == 0
+    assert found.read_text().strip() == os.path.join(os.path.dirname(sys.executable), "gsv3d")
+    assert "/usr/bin" in _env()["PATH"].split(os.pathsep)  # the rest of PATH is kept

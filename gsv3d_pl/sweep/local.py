@@ -20,7 +20,12 @@ __all__ = ["run_local", "run_local_stages"]
 
 def _env() -> dict[str, str]:
     # No SLURM_* variables: Lightning must not think it is inside a job (it would pick SLURMEnvironment).
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # The scripts call `command: gsv3d` by name. Locally that must be the gsv3d of the environment running this
+    # sweep (e.g. .venv/bin/gsv3d called by path, venv not activated), so its bin folder goes first on PATH.
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
+    return env
 
 
 def _run_task(script: str | os.PathLike, index: int, env: dict[str, str]) -> int:
