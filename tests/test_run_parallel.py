@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gsv3d_pl.tools.run_parallel import Job, StepFile, fit_job, run_jobs
+from gsv3d_pl.tools.run_parallel import Job, StepFile, fit_job, plan_jobs, run_jobs
 
 
 def _job(tmp_path: Path, name: str, code: str, **env) -> Job:
@@ -83,3 +83,16 @@ def test_step_file_writes_the_global_step(tmp_path):
     tr.global_step = 12  # the last step is always written
     cb.on_train_batch_end(tr, None, None, None, 0)
     assert (tmp_path / "progress").read_text().split() == ["12", "12"]
+
+
+def test_seeds_run_each_config_once_per_seed_in_its_own_folder(tmp_path):
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("trainer:\n  default_root_dir: runs/distill_mini\n  max_steps: 60\n")
+    jobs = plan_jobs([str(cfg)], seeds=[1, 2], seed_keys=["model.init_args.e2e_seed"], threads=1)
+    assert [j.log for j in jobs] == [Path("runs/distill_mini_seed1/fit.log"), Path("runs/distill_mini_seed2/fit.log")]
+    for s, j in zip((1, 2), jobs):
+        assert f"--seed_everything={s}" in j.argv and f"--model.init_args.e2e_seed={s}" in j.argv
+        assert f"--trainer.default_root_dir=runs/distill_mini_seed{s}" in j.argv and j.total == 60
+    assert [j.log for j in plan_jobs([str(cfg)], threads=1)] == [Path("runs/distill_mini/fit.log")]
+    with pytest.raises(SystemExit, match="--seed-key needs --seeds"):
+        plan_jobs([str(cfg)], seed_keys=["x"])

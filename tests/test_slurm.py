@@ -253,13 +253,15 @@ def test_chain_aftercorr_and_requeue(cluster, tmp_path):
 @pytest.mark.slow
 def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
     """configs/sweeps/ablations_tiny.yaml cut to 2 rows (w/o RGB loss, Full) and fewer steps, submitted to the
-    cluster (decoder -> distill chains, two array jobs): both rows of the report have numbers from the end-to-end
-    test of their distill stage. The 6-row sweep is `make paper-tiny`."""
+    cluster (decoder -> distill chains, two array jobs, the real tiny models). SIGUSR1 reaches row 0's decoder
+    while it trains: it is requeued, resumes from its hpc_ckpt and finishes; its distill task starts only after
+    that. Both rows of the report have numbers from the end-to-end test of their distill stage, and Full's test
+    also scored the undistilled pipeline (Table 1). The 6-row sweep is `make paper-tiny`."""
     import yaml
 
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "ablations_tiny.yaml").read_text())
     sweep["runs"] = [r for r in sweep["runs"] if r["name"] in ("no_rgb", "full")]
-    steps = {"decoder": 40, "distill": 6}
+    steps = {"decoder": 80, "distill": 6}  # ~0.3 s decoder steps: a window of ~20 s for the signal
     for stage in sweep["stages"]:
         stage["overrides"].update({"trainer.max_steps": steps[stage["name"]],
                                    "trainer.val_check_interval": steps[stage["name"]]})
@@ -274,6 +276,15 @@ def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     jobs = proc.stdout.split()
     assert len(jobs) == 2 and all(j.isdigit() for j in jobs), proc.stdout
+    # The TensorBoard event file is written at the start of fit, just before Lightning installs its SIGUSR1
+    # handler; 2 s later the decoder is in its sanity check or training steps.
+    dec0 = out / "no_rgb" / "seed0" / "decoder"
+    end = time.monotonic() + 600
+    while time.monotonic() < end and not list(dec0.glob("tb/*/events.out.tfevents.*")):
+        time.sleep(0.2)
+    assert list(dec0.glob("tb/*/events.out.tfevents.*")), [p.read_text()[-2000:] for p in (out / "slurm").glob("*")]
+    time.sleep(2.0)
+    _sh(["scancel", "--signal=USR1", f"{jobs[0]}_0"], env)
     for job in jobs:
         _wait_job(job, env, float(os.environ.get("GSV3D_SLURM_SWEEP_TIMEOUT", 1800)), out / "slurm")
 
@@ -294,3 +305,11 @@ def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
         assert (run_dir / "distill" / "fit.done").exists() and (run_dir / "distill" / "test.done").exists()
         assert _ckpt(run_dir / "decoder" / "checkpoints" / "last.ckpt")["global_step"] == steps["decoder"]
         assert _ckpt(run_dir / "distill" / "checkpoints" / "last.ckpt")["global_step"] == steps["distill"]
+    # the requeued decoder resumed in its own folder, and its distill task waited for the run after the requeue
+    assert (dec0 / "hpc_ckpt_1.ckpt").is_file()
+    assert "(restart 1)" in "\n".join(p.read_text() for p in (out / "slurm").glob("decoder_*_0.out"))
+    comp = {(r["ArrayJobId"], r.get("ArrayTaskId")): r for r in _jobcomp(env) if r.get("ArrayJobId") in jobs}
+    up, down = comp[(jobs[0], "0")], comp[(jobs[1], "0")]  # the last records: after the requeue
+    assert up["JobState"] == down["JobState"] == "COMPLETED" and down["StartTime"] >= up["EndTime"], (up, down)
+    variants = json.loads((out / "full" / "seed0" / "distill" / "metrics.json").read_text())["variants"]
+    assert set(variants) == {"undistilled", "distilled"}  # Full is Table 1's two rows of ours too

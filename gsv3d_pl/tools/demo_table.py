@@ -1,13 +1,18 @@
 """The one table ``make demo`` ends with: baselines, decoder, undistilled and distilled pipeline, held-out.
 
     python -m gsv3d_pl.tools.demo_table [--decoder runs/decoder_mini/heldout_eval.json]
-                                        [--e2e runs/distill_mini/heldout_e2e.json] [--vae runs/vae_mini/vae_eval.json]
+                                        [--e2e runs/distill_mini/heldout_e2e.json [MORE SEEDS' ...]]
+                                        [--vae runs/vae_mini/vae_eval.json]
+
+With several ``--e2e`` files (stage 2 at several seeds: ``make demo-seeds``) the table is the first one's, followed
+by the undistilled and distilled PSNR as mean ± sample std over the seeds and their paired difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,13 +46,27 @@ def rows(decoder: dict, e2e: dict, vae: dict | None = None) -> list[tuple[str, s
     return out
 
 
+def seed_summary(e2es: list[dict]) -> list[str]:
+    """Undistilled / distilled PSNR over stage-2 seeds: mean ± sample std, and the paired gain per seed."""
+    und = [e["undistilled_psnr"] for e in e2es]
+    dis = [e["psnr"] for e in e2es]
+    gain = [d - u for d, u in zip(dis, und)]
+    ms = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"  # noqa: E731
+    seeds = ", ".join(str(e.get("seed", "?")) for e in e2es)
+    return [f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
+            f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)})"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decoder", default="runs/decoder_mini/heldout_eval.json")
-    ap.add_argument("--e2e", default="runs/distill_mini/heldout_e2e.json")
+    ap.add_argument("--e2e", nargs="+", default=["runs/distill_mini/heldout_e2e.json"],
+                    help="stage 2's heldout_e2e.json; more files (other seeds) add mean ± std over them")
     ap.add_argument("--vae", default="runs/vae_mini/vae_eval.json")
     a = ap.parse_args(argv)
-    dec, e2e = _read(a.decoder, "stage 1's held-out evaluation"), _read(a.e2e, "stage 2's end-to-end evaluation")
+    dec = _read(a.decoder, "stage 1's held-out evaluation")
+    e2es = [_read(p, "stage 2's end-to-end evaluation") for p in a.e2e]
+    e2e = e2es[0]
     vae = _read(a.vae, "the VAE stage's evaluation") if Path(a.vae).is_file() else None
     table = rows(dec, e2e, vae)
     print(f"\nHeld-out toy objects ({e2e['num_objects']} objects, {e2e['num_views']} novel views at "
@@ -59,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  decoder vs nearest input: {dec['psnr'] - dec['nearest_input_psnr']:+.2f} dB; distilled vs "
           f"undistilled: {e2e['psnr'] - e2e['undistilled_psnr']:+.2f} dB; distilled vs mean image: "
           f"{e2e['psnr'] - e2e['baseline_psnr']:+.2f} dB")
+    if len(e2es) > 1:
+        print("\n".join(seed_summary(e2es)))
     return 0
 
 

@@ -1,6 +1,10 @@
 """Run independent ``gsv3d fit`` stages side by side, each on its own share of the CPU cores.
 
     python -m gsv3d_pl.tools.run_parallel [--threads 1] CONFIG [CONFIG ...] [-- EXTRA FIT ARGS]
+    python -m gsv3d_pl.tools.run_parallel --seeds 1 2 [--seed-key model.init_args.e2e_seed] CONFIG
+
+``--seeds`` runs each config once per seed, side by side: ``--seed_everything=S`` (and every ``--seed-key`` =
+S), in ``<default_root_dir>_seed<S>`` (``make demo-seeds``: stage 2 of the demo at two more seeds).
 
 Why: the miniature's stages are many small ops. On a 2-core laptop one fit with 2 intra-op threads is barely
 faster than with 1 (OpenMP's fork/join costs about what the second core gives), so two independent stages that
@@ -29,7 +33,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from tqdm.auto import tqdm
 
-__all__ = ["Job", "fit_job", "run_jobs", "main"]
+__all__ = ["Job", "fit_job", "plan_jobs", "run_jobs", "main"]
 
 _REPORTER = json.dumps({"class_path": "gsv3d_pl.tools.run_parallel.StepFile", "init_args": {"every": 5}})
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -175,6 +179,20 @@ def run_jobs(jobs: Sequence[Job], poll_s: float = 2.0, out=sys.stdout) -> int:
     return 0
 
 
+def plan_jobs(configs: Sequence[str], extra: Sequence[str] = (), threads: int | None = None,
+              seeds: Sequence[int] | None = None, seed_keys: Sequence[str] = ()) -> list[Job]:
+    """One job per config, or per config × seed: ``--seed_everything=S``, each of ``seed_keys`` = S, and the run
+    folder ``<default_root_dir>_seed<S>``. ``threads`` None: the machine's cores split evenly (at least 1)."""
+    if seed_keys and not seeds:
+        raise SystemExit("run_parallel: --seed-key needs --seeds")
+    runs = [(c, list(extra)) for c in configs] if not seeds else [
+        (c, [*extra, f"--seed_everything={s}", *(f"--{k}={s}" for k in seed_keys),
+             f"--trainer.default_root_dir={_root_dir(c).rstrip('/')}_seed{s}"])
+        for c in configs for s in seeds]
+    threads = threads or max(1, (os.cpu_count() or 1) // len(runs))
+    return [fit_job(c, threads, x) for c, x in runs]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -185,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("configs", nargs="+", help="fit configs of independent stages (each its own default_root_dir)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads per stage (default: the machine's cores split evenly, at least 1)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run each config once per seed, in <default_root_dir>_seed<S>, with --seed_everything=S")
+    ap.add_argument("--seed-key", action="append", default=[],
+                    help="a config key set to the seed too (repeatable), e.g. model.init_args.e2e_seed")
     a = ap.parse_args(argv)
-    threads = a.threads or max(1, (os.cpu_count() or 1) // len(a.configs))
-    jobs = [fit_job(c, threads, extra) for c in a.configs]
+    jobs = plan_jobs(a.configs, extra, a.threads, a.seeds, a.seed_key)
+    threads = jobs[0].env["OMP_NUM_THREADS"]
     roots = [j.log.parent for j in jobs]
     if len(set(roots)) != len(roots):
         raise SystemExit(f"run_parallel: two configs share a run folder ({[str(r) for r in roots]}); they would "
