@@ -94,5 +94,7 @@ def test_seeds_run_each_config_once_per_seed_in_its_own_folder(tmp_path):
         assert f"--seed_everything={s}" in j.argv and f"--model.init_args.e2e_seed={s}" in j.argv
         assert f"--trainer.default_root_dir=runs/distill_mini_seed{s}" in j.argv and j.total == 60
     assert [j.log for j in plan_jobs([str(cfg)], threads=1)] == [Path("runs/distill_mini/fit.log")]
+    moved = plan_jobs([str(cfg)], extra=["--trainer.default_root_dir=/tmp/d"], seeds=[3], threads=1)
+    assert moved[0].log == Path("/tmp/d_seed3/fit.log")  # a folder override moves the seed folders with it
     with pytest.raises(SystemExit, match="--seed-key needs --seeds"):
         plan_jobs([str(cfg)], seed_keys=["x"])

@@ -491,3 +491,5 @@ def test_local_runner_calls_the_gsv3d_of_its_own_environment(tmp_path, monkeypat
     assert _run_task(script, 0, _env()) == 0
     assert found.read_text().strip() == os.path.join(os.path.dirname(sys.executable), "gsv3d")
     assert "/usr/bin" in _env()["PATH"].split(os.pathsep)  # the rest of PATH is kept
+    monkeypatch.setattr("sysconfig.get_path", lambda name: str(tmp_path))  # a scripts folder without gsv3d
+    assert _env()["PATH"] == "/usr/bin:/bin"  # is not put ahead of the user's PATH

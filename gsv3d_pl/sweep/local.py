@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -23,8 +24,11 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     # The scripts call `command: gsv3d` by name. Locally that must be the gsv3d of the environment running this
     # sweep (e.g. .venv/bin/gsv3d called by path, venv not activated), so its bin folder goes first on PATH.
-    bin_dir = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
+    # Only when that folder holds a gsv3d: a system python must not put /usr/bin ahead of the user's PATH.
+    bin_dir = sysconfig.get_path("scripts") or os.path.dirname(sys.executable or "")
+    if bin_dir and os.path.isfile(os.path.join(bin_dir, "gsv3d")):
+        rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+        env["PATH"] = os.pathsep.join([bin_dir, *rest])
     return env
 
 

@@ -185,9 +185,13 @@ def plan_jobs(configs: Sequence[str], extra: Sequence[str] = (), threads: int | 
     folder ``<default_root_dir>_seed<S>``. ``threads`` None: the machine's cores split evenly (at least 1)."""
     if seed_keys and not seeds:
         raise SystemExit("run_parallel: --seed-key needs --seeds")
+    def base_root(config: str) -> str:  # an override of the run folder in ``extra`` moves the seeds' folders too
+        roots = [a.split("=", 1)[1] for a in extra if a.startswith("--trainer.default_root_dir=")]
+        return (roots[-1] if roots else _root_dir(config)).rstrip("/")
+
     runs = [(c, list(extra)) for c in configs] if not seeds else [
         (c, [*extra, f"--seed_everything={s}", *(f"--{k}={s}" for k in seed_keys),
-             f"--trainer.default_root_dir={_root_dir(c).rstrip('/')}_seed{s}"])
+             f"--trainer.default_root_dir={base_root(c)}_seed{s}"])
         for c in configs for s in seeds]
     threads = threads or max(1, (os.cpu_count() or 1) // len(runs))
     return [fit_job(c, threads, x) for c, x in runs]
