@@ -46,15 +46,17 @@ def rows(decoder: dict, e2e: dict, vae: dict | None = None) -> list[tuple[str, s
     return out
 
 
-def seed_summary(e2es: list[dict]) -> list[str]:
-    """Undistilled / distilled PSNR over stage-2 seeds: mean ± sample std, and the paired gain per seed."""
+def seed_summary(e2es: list[dict]) -> str:
+    """Undistilled / distilled PSNR over stage-2 seeds: mean ± sample std, and the paired gain per seed, beside
+    copying the input image (the same for every seed: it needs no model)."""
     und = [e["undistilled_psnr"] for e in e2es]
     dis = [e["psnr"] for e in e2es]
     gain = [d - u for d, u in zip(dis, und)]
     ms = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"  # noqa: E731
     seeds = ", ".join(str(e.get("seed", "?")) for e in e2es)
-    return [f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
-            f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)})"]
+    return (f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
+            f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)}); copy the input image "
+            f"{e2es[0]['copy_input_psnr']:.2f} dB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     dec = _read(a.decoder, "stage 1's held-out evaluation")
     e2es = [_read(p, "stage 2's end-to-end evaluation") for p in a.e2e]
     e2e = e2es[0]
+    for p, other in zip(a.e2e[1:], e2es[1:]):  # a paired comparison needs the same objects and views
+        if (other.get("num_objects"), other.get("num_views")) != (e2e.get("num_objects"), e2e.get("num_views")):
+            raise SystemExit(f"demo table: {p} scored {other.get('num_objects')} objects / {other.get('num_views')} "
+                             f"views, {a.e2e[0]} {e2e.get('num_objects')} / {e2e.get('num_views')}: rerun stage 2 "
+                             "of both on the same toy set")
     vae = _read(a.vae, "the VAE stage's evaluation") if Path(a.vae).is_file() else None
     table = rows(dec, e2e, vae)
     print(f"\nHeld-out toy objects ({e2e['num_objects']} objects, {e2e['num_views']} novel views at "
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
           f"undistilled: {e2e['psnr'] - e2e['undistilled_psnr']:+.2f} dB; distilled vs mean image: "
           f"{e2e['psnr'] - e2e['baseline_psnr']:+.2f} dB")
     if len(e2es) > 1:
-        print("\n".join(seed_summary(e2es)))
+        print(seed_summary(e2es))
     return 0
 
 

@@ -81,14 +81,17 @@ def _root_dir(config: str) -> str:
     return str(root)
 
 
+def _run_folder(config: str, extra: Sequence[str] = ()) -> str:
+    """The config's run folder, or the last ``--trainer.default_root_dir=`` override in ``extra``."""
+    roots = [a.split("=", 1)[1] for a in extra if a.startswith("--trainer.default_root_dir=")]
+    return roots[-1] if roots else _root_dir(config)
+
+
 def fit_job(config: str, threads: int, extra: Sequence[str] = ()) -> Job:
     """The job that runs ``gsv3d fit --config CONFIG`` on ``threads`` intra-op threads."""
     import yaml
 
-    root = _root_dir(config)
-    for arg in extra:  # an override moves the run folder, and the log with it
-        if arg.startswith("--trainer.default_root_dir="):
-            root = arg.split("=", 1)[1]
+    root = _run_folder(config, extra)  # an override moves the run folder, and the log with it
     steps = ((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}).get("max_steps")
     argv = [sys.executable, "-m", "gsv3d_pl", "fit", "--config", config,
             f"--trainer.callbacks+={_REPORTER}", *extra]
@@ -185,13 +188,9 @@ def plan_jobs(configs: Sequence[str], extra: Sequence[str] = (), threads: int | 
     folder ``<default_root_dir>_seed<S>``. ``threads`` None: the machine's cores split evenly (at least 1)."""
     if seed_keys and not seeds:
         raise SystemExit("run_parallel: --seed-key needs --seeds")
-    def base_root(config: str) -> str:  # an override of the run folder in ``extra`` moves the seeds' folders too
-        roots = [a.split("=", 1)[1] for a in extra if a.startswith("--trainer.default_root_dir=")]
-        return (roots[-1] if roots else _root_dir(config)).rstrip("/")
-
     runs = [(c, list(extra)) for c in configs] if not seeds else [
         (c, [*extra, f"--seed_everything={s}", *(f"--{k}={s}" for k in seed_keys),
-             f"--trainer.default_root_dir={base_root(c)}_seed{s}"])
+             f"--trainer.default_root_dir={_run_folder(c, extra).rstrip('/')}_seed{s}"])
         for c in configs for s in seeds]
     threads = threads or max(1, (os.cpu_count() or 1) // len(runs))
     return [fit_job(c, threads, x) for c, x in runs]
