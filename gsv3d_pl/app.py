@@ -88,9 +88,12 @@ class AppRunner:
 _CSS = "#gsv3d-title {margin-bottom: 0}"
 
 
-def build_demo(runner: AppRunner, title: str = "GSV3D: image -> 3D Gaussians"):
+def build_demo(runner: AppRunner, title: str = "GSV3D: image -> 3D Gaussians",
+               delete_cache: tuple[int, int] | None = (600, 3600)):
     """The page: inputs and options on the left; preprocessed input, orbit, turntable, 3D viewers and downloads
-    on the right. A bad image raises ``gr.Error`` with ``gsv3d predict``'s message."""
+    on the right. A bad image raises ``gr.Error`` with ``gsv3d predict``'s message (huge or oddly shaped
+    uploads included: the bounded path of ``preprocess_image``). ``delete_cache``: gradio's (every s seconds,
+    delete this app's cached files older than a seconds), so uploads do not pile up."""
     import gradio as gr
 
     from gsv3d_pl.inference import IMAGE_SUFFIXES, ImageInputError
@@ -114,7 +117,7 @@ def build_demo(runner: AppRunner, title: str = "GSV3D: image -> 3D Gaussians"):
         return (str(f["input"]), str(f["views"]), str(f["turntable"]), str(f["mesh"]) if "mesh" in f else None,
                 str(f["gaussians"]), res.downloads(), status)
 
-    with gr.Blocks(title="GSV3D", analytics_enabled=False) as demo:
+    with gr.Blocks(title="GSV3D", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(f"## {title}\nUpload an object image: RGBA, or RGB on a plain background. "
                     "The app runs `gsv3d predict` on it: SV3D samples a 21-view orbit, the GS decoder lifts it "
                     "to 3D Gaussians.", elem_id="gsv3d-title")

@@ -1,12 +1,18 @@
 """``gsv3d app``: the image -> 3D web app (gradio) on a distill config + checkpoint.
 
     gsv3d app --config configs/distill/tiny.yaml --ckpt_path runs/distill_tiny/checkpoints/last.ckpt \\
-        [--host 127.0.0.1] [--port 7860] [--outputs DIR] [--no-mesh]
+        [--host 127.0.0.1] [--port 7860] [--outputs DIR] [--no-mesh] \\
+        [--auth-file users.txt | --auth USER:PASS] [--max-file-size 10mb] [--queue-size 8]
 
 The model is built once, as ``gsv3d predict`` builds it (same ``--config``/``--ckpt_path``/``--device``/
 ``--dtype``/``--offload``); each upload then runs preprocessing -> SV3D -> GS decoder -> outputs and shows the
 preprocessed input, the orbit, the turntable, the mesh and the Gaussians in 3D viewers, with downloads. Page
 and options: docs/app.md.
+
+For others to use: the server listens on 127.0.0.1 unless ``--host`` says otherwise and never opens a public
+share link; ``--auth``/``--auth-file`` require a login, ``--max-file-size`` caps an upload (the server refuses
+a larger one with 413), ``--queue-size`` caps the waiting requests, and uploads and results in gradio's cache
+are deleted an hour after they were made.
 
 Exit status: 0 after the server stops; 2 usage / config / weights errors.
 """
@@ -15,11 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["main", "build_parser", "build_runner"]
+__all__ = ["main", "build_parser", "build_runner", "ServeSettings", "serve_settings", "parse_file_size",
+           "read_auth"]
+
+_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DistillStage checkpoint (LoRA weights); omitted = SV3D without LoRA")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
+                   help="require a login (repeat for more users); visible to other users of this machine in "
+                        "the process list: prefer --auth-file")
+    p.add_argument("--auth-file", default=None, metavar="PATH",
+                   help="require a login: a file of USER:PASS lines (blank lines and # comments skipped)")
+    p.add_argument("--max-file-size", default="10mb",
+                   help="largest upload: bytes, or a number with b/kb/mb/gb (1 mb = 1024 kb); larger ones are "
+                        "refused by the server")
+    p.add_argument("--queue-size", type=int, default=8,
+                   help="most requests waiting at once (they run one at a time); more are turned away")
     p.add_argument("--outputs", default=None,
                    help="folder for the results, one <image>-<id>/ per request (default: a temporary folder)")
     p.add_argument("--num_steps", type=int, default=None, help="default of the sampling-steps slider "
@@ -56,6 +79,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_file_size(text: str) -> int:
+    """``"10mb"`` -> bytes (units b, kb, mb, gb, any case, powers of 1024; a bare number is bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in ("", *_UNITS) or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-file-size {text!r}: give a positive size such as 10mb, 500kb or 1048576 "
+                         "(bytes)")
+    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+
+
+def _user_pass(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise ValueError(f"{where}: expected USER:PASS with a non-empty user and password")
+    return user.strip(), password
+
+
+def read_auth(pairs: list[str] | None, file: str | None) -> list[tuple[str, str]] | None:
+    """The logins of ``--auth USER:PASS`` (repeatable) and ``--auth-file PATH`` (USER:PASS lines, blank lines
+    and ``#`` comments skipped), or None when neither is given. Messages never echo a password."""
+    users = [_user_pass(a, "--auth") for a in pairs or []]
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--auth-file {file}: no such file (USER:PASS lines)")
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                users.append(_user_pass(line.rstrip("\r\n"), f"--auth-file {file}, line {i}"))
+        if not users:
+            raise ValueError(f"--auth-file {file}: holds no USER:PASS line")
+    return users or None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server runs (checked before the model loads)."""
+
+    auth: list[tuple[str, str]] | None
+    max_file_size: int  # bytes
+    queue_size: int
+    delete_cache: tuple[int, int] = (600, 3600)  # every 10 min, delete cached uploads/results older than 1 h
+
+
+def serve_settings(args) -> ServeSettings:
+    """The :class:`ServeSettings` of parsed ``args``; ValueError names the flag."""
+    if args.queue_size < 1:
+        raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}")
+    return ServeSettings(read_auth(args.auth, args.auth_file), parse_file_size(args.max_file_size),
+                         args.queue_size)
 
 
 def build_runner(args):
@@ -121,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         _err("gsv3d app needs gradio, an optional extra: pip install -e '.[app]' (or `make install`, which adds it)")
         return 2
+    try:
+        serve = serve_settings(args)
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    if args.host not in LOOPBACK and serve.auth is None:
+        print(f"warning: --host {args.host} without --auth/--auth-file: anyone who can reach port {args.port} can "
+              "use the app (docs/app.md, 'Running it for others')", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         runner = build_runner(args)
@@ -132,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model loaded in {time.perf_counter() - t0:.1f}s on {runner.pipe.device}; results go to "
           f"{runner.outputs}", file=sys.stderr, flush=True)
-    demo = build_demo(runner)
+    demo = build_demo(runner, delete_cache=serve.delete_cache)
     # System fonts: the default theme would fetch Google fonts, and the app must work offline.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
-    demo.queue(default_concurrency_limit=1).launch(
+    demo.queue(default_concurrency_limit=1, max_size=serve.queue_size).launch(
         server_name=args.host, server_port=args.port, share=False, theme=theme, allowed_paths=[str(runner.outputs)],
-        show_error=True, quiet=False)
+        show_error=True, quiet=False, auth=serve.auth, max_file_size=serve.max_file_size)
     return 0
 
 
