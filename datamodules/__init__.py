@@ -3,8 +3,10 @@
 Configs reach these through ``class_path: datamodules.ObjaverseDataModule``; ``gsv3d_pl`` never imports them.
 
 - ``mesh_io`` (mesh files -> normalised primitives), ``gl_context``, ``shaders`` and ``mesh_render`` (the renderer);
-- ``sources`` (which objects, which split), ``render_cache`` (objects rendered once into ``.npz`` files),
-  ``latent_cache`` (VAE latents of the cached views), ``objaverse`` (the dataset and ``ObjaverseDataModule``);
+- ``mesh_header`` (face counts from a mesh file's header: ``max_faces`` before the parse);
+- ``sources`` (which objects, which split), ``render_cache`` (objects rendered once into ``.npz`` files, checked and
+  repaired), ``claims`` (two prepares on one cache share the work), ``latent_cache`` (VAE latents of the cached
+  views), ``objaverse`` (the dataset and ``ObjaverseDataModule``);
 - ``toy`` (procedural objects in the Objaverse cache layout).
 """
 

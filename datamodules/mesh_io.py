@@ -5,6 +5,9 @@ OPAQUE/MASK/BLEND, meshes without UVs or normals. Anything that cannot be render
 with a short reason (the datamodule logs it to ``skipped.jsonl``). Objects are normalised: bounding box centred at
 the origin, largest side 1.
 
+A file over ``max_faces`` is refused from its header where the format has one (:mod:`datamodules.mesh_header`),
+before the whole file is parsed.
+
 OBJ textures are looked up next to the file (trimesh's rule), then in ``../materials/textures/`` by file name:
 Google Scanned Objects' ``meshes/model.mtl`` names a ``texture.png`` that lives in ``materials/textures/``.
 :func:`write_y_up_copy` rotates a Z-up file (GSO's frame) into this project's +Y-up frame as a self-contained GLB.
@@ -18,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from datamodules.mesh_header import face_count_lower_bound
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +206,11 @@ def load_mesh(path: str | os.PathLike, max_faces: int | None = None, max_texture
     """
     import trimesh
 
+    if max_faces is not None:
+        # Refuse a huge file from its header before trimesh parses it (1-1.5 GB for 2M faces).
+        n = face_count_lower_bound(path)
+        if n is not None and n > max_faces:
+            raise BadMeshError(f"too many faces ({n} in the file's header > max_faces={max_faces})")
     scene = _load_scene(path)
     prims: list[Primitive] = []
     n_faces = 0

@@ -11,6 +11,7 @@ latent encoder is set (:meth:`ObjaverseDataModule.set_latent_encoder`).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -18,9 +19,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.latent_cache import encode_missing_latents, latent_key, read_latents
+from datamodules.latent_cache import encode_missing_latents, latent_key, read_latents, remove_corrupt_latents
 from datamodules.render_cache import (
+    REPAIR_HINT,
     cache_folder,
+    cache_read_error,
+    check_object_file,
     object_file,
     read_cached_object,
     render_into_cache,
@@ -29,6 +33,8 @@ from datamodules.render_cache import (
 )
 from datamodules.sources import ObjectSources, objaverse_root, split_objects, uid_fraction
 from gsv3d_pl.orbit import DEFAULT_RADIUS, FOV_DEG, INPUT_FRAME, NUM_FRAMES, input_frames
+
+log = logging.getLogger(__name__)
 
 # read_cached_object, render_object_to_cache, objaverse_root and uid_fraction live in the modules above; they
 # stay importable from here for existing callers.
@@ -84,8 +90,7 @@ class ObjaverseViewsDataset(Dataset):
         try:
             d = read_cached_object(path, self.background)
         except Exception as e:
-            raise RuntimeError(f"cannot read cached renders of {uid} at {path}: {e}. Delete the file and run "
-                               "`gsv3d data prepare --config CFG` to render it again.") from e
+            raise cache_read_error(path, uid, e) from e
         images = torch.from_numpy(d["images"]).permute(0, 3, 1, 2).contiguous()  # [Q, 3, H, W]
         alphas = torch.from_numpy(d["alphas"])[:, None]  # [Q, 1, H, W]
         depths = torch.from_numpy(d["depths"])[:, None]  # [Q, 1, H, W]
@@ -252,20 +257,46 @@ class ObjaverseDataModule(LightningDataModule):
         return object_file(self.cache_path, uid)
 
     def prepare_data(self) -> None:
-        """Render every requested object once into ``cache_path`` (resumable; bad objects go to skipped.jsonl).
+        """Render every requested object once into ``cache_path`` (resumable; bad objects go to skipped.jsonl;
+        entries that do not read back are rendered again, latent files that do not are removed for re-encoding).
 
-        Sets ``self.prepare_stats`` (see :func:`datamodules.render_cache.render_into_cache`).
+        Sets ``self.prepare_stats`` (see :func:`datamodules.render_cache.render_into_cache`; ``repaired`` also counts
+        the removed latent files).
         """
         objs = self.sources.objects(resolve_paths=True)
-        self.prepare_stats = render_into_cache(objs, self.cache_path, self.render_cfg, self.render_workers,
-                                               self.retry_skipped)
+        stats = render_into_cache(objs, self.cache_path, self.render_cfg, self.render_workers, self.retry_skipped)
+        stats["repaired"] += len(remove_corrupt_latents(self.cache_path))
+        self.prepare_stats = stats
 
     def setup(self, stage: str | None = None) -> None:
-        """Deterministic train/val/test split by uid hash over the objects present in the cache."""
-        ready = [(u, self.object_file(u)) for u, _ in self.sources.objects(resolve_paths=False)
-                 if os.path.exists(self.object_file(u))]
+        """Deterministic train/val/test split by uid hash over the objects present in the cache.
+
+        Every entry's index is checked first (as ``data prepare`` does); the main process (rank 0) renders the ones
+        that do not read back again, the other ranks wait for it, and an entry that still fails is left out.
+        """
+        uids = [u for u, _ in self.sources.objects(resolve_paths=False)]
+        present = [u for u in uids if os.path.exists(self.object_file(u))]
+        bad = {u for u in present if check_object_file(self.object_file(u)) is not None}
+        trainer = getattr(self, "trainer", None)
+        if bad and (trainer is None or trainer.is_global_zero):
+            log.warning("%d cached objects do not read back (e.g. %s): rendering them again", len(bad),
+                        self.object_file(next(iter(bad))))
+            try:
+                objs = [(u, p) for u, p in self.sources.objects(resolve_paths=True) if u in bad]
+            except (FileNotFoundError, KeyError) as e:  # sources gone since prepare: those entries are left out
+                log.warning("cannot render them again: %s", e)
+                objs = []
+            render_into_cache(objs, self.cache_path, self.render_cfg, self.render_workers, self.retry_skipped)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier("gsv3d_cache_repair")  # every rank then sees the same entries
+        still = {u for u in bad if not os.path.exists(self.object_file(u))
+                 or check_object_file(self.object_file(u)) is not None}
+        ready = [(u, self.object_file(u)) for u in present if u not in still]
+        if still:
+            log.warning("%d cached objects are left out: they could not be rendered again (see %s)", len(still),
+                        os.path.join(self.cache_path, "skipped.jsonl"))
         if not ready:
-            raise RuntimeError(f"no rendered objects in {self.cache_path}: run `gsv3d data prepare --config CFG` "
+            raise RuntimeError(f"no rendered objects in {self.cache_path}: run `{REPAIR_HINT}` "
                                "(or let the Trainer call prepare_data) first")
         self.splits = split_objects(ready, self.val_fraction, self.test_fraction)
 

@@ -4,15 +4,24 @@ Layout (``<cache_dir>/<tag>/``, where the tag hashes every setting that changes 
 starts a new cache instead of mixing renders):
 
     manifest.json                    the settings behind the tag
-    objects/<uid[:2]>/<uid>.npz      one file per object (written atomically): PNG-encoded RGBA views (straight
+    objects/<name[:2]>/<name>.npz    one file per object (written atomically): PNG-encoded RGBA views (straight
                                      alpha) and 16-bit PNG depth, c2w [Q,4,4], K [Q,3,3], orbit angles [21],
-                                     normalisation (centre [3], scale), mesh path
+                                     normalisation (centre [3], scale), mesh path. ``name`` is the uid, or its
+                                     escaped form when it could leave ``objects/`` (:func:`~datamodules.sources.
+                                     uid_filename`)
     skipped.jsonl                    {"uid", "path", "reason", "transient"} per bad object (never retried unless
                                      asked; transient render errors are)
+    claims/<name>.claim              held while one process renders the object (:mod:`datamodules.claims`)
+    read_errors.jsonl                {"uid", "path", "error"} per failed read in training; the next prepare
+                                     decodes these entries in full and re-renders the ones that fail
     latents/...                      optional VAE latents (:mod:`datamodules.latent_cache`)
 
 The Q views are the 21-frame SV3D orbit (:mod:`gsv3d_pl.orbit`), then ``num_extra_views`` random cameras seeded by
 the uid.
+
+An entry that does not read back (a truncated or damaged file: a copy cut short, a full disk) is found by
+:func:`check_object_file`, which reads the zip index only (thousands of files check in seconds), and is rendered
+again by :func:`render_into_cache`.
 """
 
 from __future__ import annotations
@@ -21,24 +30,36 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
-from collections.abc import Sequence
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from datamodules.sources import uid_fraction, uid_seed
+from datamodules.claims import claim_owner, release, try_claim
+from datamodules.sources import uid_filename, uid_fraction, uid_seed
 from gsv3d_pl.cameras import orbit_cameras, random_cameras
 from gsv3d_pl.io import atomic_path, write_json_atomic
 from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
 
-__all__ = ["CACHE_FORMAT", "RENDER_ERROR", "render_settings", "cache_folder", "object_file", "object_cameras",
-           "render_object_to_cache", "read_cached_object", "write_manifest", "read_skipped", "render_into_cache"]
+log = logging.getLogger(__name__)
+
+__all__ = ["CACHE_FORMAT", "RENDER_ERROR", "REPAIR_HINT", "render_settings", "cache_folder", "object_file",
+           "object_cameras", "render_object_to_cache", "read_cached_object", "check_object_file", "cache_read_error",
+           "write_manifest", "read_skipped", "render_into_cache"]
 
 CACHE_FORMAT = 1
 RENDER_ERROR = "render error"  # prefix of skip reasons that are not the object's fault (retried next time)
+REPAIR_HINT = "gsv3d data prepare --config <your config>"
+# The arrays of one object file, as np.savez names them in the zip.
+_NPZ_MEMBERS = ("rgba_png", "rgba_off", "depth_png", "depth_off", "depth_unit", "c2w", "K", "orbit_polars_rad",
+                "orbit_azimuths_rad", "norm_center", "norm_scale", "elevation_deg", "mesh_path")
+_READ_ERRORS = "read_errors.jsonl"
 
 
 def render_settings(resolution: int, num_extra_views: int, elevation_deg: float | None,
@@ -69,7 +90,9 @@ def cache_folder(cache_dir: str, settings: dict) -> str:
 
 
 def object_file(cache_path: str, uid: str) -> str:
-    return os.path.join(cache_path, "objects", uid[:2], f"{uid}.npz")
+    """``<cache_path>/objects/<name[:2]>/<name>.npz`` with ``name = uid_filename(uid)``: never outside objects/."""
+    name = uid_filename(uid)
+    return os.path.join(cache_path, "objects", name[:2], f"{name}.npz")
 
 
 def _encode_pngs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,12 +195,40 @@ def render_object_to_cache(uid: str, mesh_path: str, out_path: str, cfg: dict) -
     return uid, None
 
 
-def _render_job(args):
-    uid, path, out, cfg = args
+# A job's outcome (besides the skip reason): rendered, repaired (rendered over a corrupt entry), done (another
+# process rendered it meanwhile), busy (another process holds its claim: come back later).
+_RENDERED, _REPAIRED, _DONE, _BUSY = "rendered", "repaired", "done", "busy"
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
     try:
-        return render_object_to_cache(uid, path, out, cfg)
-    except Exception as e:  # a driver hiccup on one object must not kill a 10^5-object prepare
-        return uid, f"{RENDER_ERROR} ({type(e).__name__}: {str(e)[:200]})"
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _render_job(args) -> tuple[str, str | None, str]:
+    """Render one object under its claim. ``seen`` is the stat of the entry when the caller found it missing (None)
+    or corrupt: an entry that has changed since and reads back was written by another run, and is kept."""
+    uid, path, out, cfg, claims_dir, seen = args
+    name = os.path.basename(out)[: -len(".npz")]
+    if not try_claim(claims_dir, name):
+        return uid, None, _BUSY
+    try:
+        now = _stat(out)
+        if now is not None and now != seen and check_object_file(out) is None:
+            return uid, None, _DONE
+        try:
+            uid, reason = render_object_to_cache(uid, path, out, cfg)
+        except Exception as e:  # a driver hiccup on one object must not kill a 10^5-object prepare
+            reason = f"{RENDER_ERROR} ({type(e).__name__}: {str(e)[:200]})"
+        if reason is not None and now is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out)  # a corrupt entry that could not be rendered again must not be read in training
+        return uid, reason, _REPAIRED if now is not None else _RENDERED
+    finally:
+        release(claims_dir, name)
 
 
 def read_cached_object(path: str, background: Sequence[float] = (1.0, 1.0, 1.0)) -> dict:
@@ -202,6 +253,51 @@ def read_cached_object(path: str, background: Sequence[float] = (1.0, 1.0, 1.0))
         "norm_scale": float(d["norm_scale"]), "mesh_path": str(d["mesh_path"]),
     }
 
+
+def check_object_file(path: str, full: bool = False) -> str | None:
+    """Why one cached object file does not read back, or None when it does.
+
+    Reads the zip index (np.savez's central directory, at the end of the file: a truncated file has none) and
+    checks that every array is listed and lies inside the file. ``full`` also decodes every view.
+    """
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+        names = {m.filename for m in members}
+        missing = [k for k in _NPZ_MEMBERS if f"{k}.npy" not in names]
+        if missing:
+            return f"no {', '.join(missing)} in it"
+        if any(m.header_offset + m.compress_size > size for m in members):
+            return "truncated"
+        if full:
+            read_cached_object(path)
+    except Exception as e:  # zipfile.BadZipFile, OSError, PIL's errors in a full check, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def cache_read_error(path: str, uid: str, err: BaseException) -> RuntimeError:
+    """The error for a cached object that fails to read in training or encoding: it names the file and the command
+    that repairs it, and records the entry in ``read_errors.jsonl`` so that this command re-renders it even when
+    the damage is inside the file (the quick check reads the index only)."""
+    cache_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))  # objects/<xx>/<name>
+    with contextlib.suppress(OSError):  # a read-only cache still gets the message
+        with open(os.path.join(cache_path, _READ_ERRORS), "a") as f:
+            f.write(json.dumps({"uid": uid, "path": path, "error": f"{type(err).__name__}: {str(err)[:200]}"}) + "\n")
+    return RuntimeError(f"cannot read the cached renders of {uid} in {path} ({type(err).__name__}: {err}). Repair the "
+                        f"cache with `{REPAIR_HINT}`: it renders this object again.")
+
+
+def _read_errors(cache_path: str) -> set[str]:
+    """uids whose reads failed in training (:func:`cache_read_error`)."""
+    path = os.path.join(cache_path, _READ_ERRORS)
+    out = set()
+    if os.path.exists(path):
+        for line in Path(path).read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                out.add(json.loads(line)["uid"])
+    return out
 
 # ----------------------------------------------------------------------------------------------------------------
 # the whole cache: manifest, skipped objects, rendering every missing object
@@ -232,17 +328,35 @@ def read_skipped(cache_path: str) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _runner(workers: int, num_jobs: int) -> Iterator[Callable]:
+    """A map over render jobs: in this process, or in ``workers`` spawned processes."""
+    if workers > 0 and num_jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent may hold a GL context, which must never be shared with a child.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            yield lambda jobs: ex.map(_render_job, jobs, chunksize=4)
+    else:
+        yield lambda jobs: map(_render_job, jobs)
+
+
 def render_into_cache(objects: list[tuple[str, str]], cache_path: str, settings: dict, workers: int = 0,
-                      retry_skipped: bool = False) -> dict[str, Any]:
-    """Render every object of [(uid, mesh path)] that is neither cached nor a known bad object (resumable).
+                      retry_skipped: bool = False, poll_s: float = 0.5) -> dict[str, Any]:
+    """Render every object of [(uid, mesh path)] that is not cached (or whose entry does not read back) and is not a
+    known bad object. Resumable, and safe to run twice at once on one cache: each object is rendered under a claim
+    (:mod:`datamodules.claims`), so two runs share the work, and each waits at the end for the objects the other
+    one is rendering.
 
     Args:
         workers: processes (spawned) rendering in parallel; 0 renders in this process.
         retry_skipped: re-attempt objects listed in ``skipped.jsonl``.
+        poll_s: how often to look again at objects another run is rendering.
 
     Returns:
-        ``{"rendered": newly rendered, "skipped": bad objects among ``objects``, "cached": objects ready in the
-        cache, "cache": cache_path}``.
+        ``{"rendered": newly rendered, "repaired": corrupt entries rendered again (counted in rendered too),
+        "skipped": bad objects among ``objects``, "cached": objects ready in the cache, "cache": cache_path}``.
 
     Raises:
         RuntimeError: the first 5 objects all failed with render errors (GL, disk): a systematic failure.
@@ -252,16 +366,31 @@ def render_into_cache(objects: list[tuple[str, str]], cache_path: str, settings:
     os.makedirs(cache_path, exist_ok=True)
     write_manifest(cache_path, settings)
     skipped = {} if retry_skipped else read_skipped(cache_path)
-    todo = [(u, p) for u, p in objects if u not in skipped and not os.path.exists(object_file(cache_path, u))]
-    jobs = [(u, p, object_file(cache_path, u), settings) for u, p in todo]
-    rendered, errors = 0, []
+    suspects = _read_errors(cache_path)
+    claims_dir = os.path.join(cache_path, "claims")
+    jobs = []
+    for u, p in objects:
+        out = object_file(cache_path, u)
+        seen = _stat(out)
+        if u in skipped:
+            continue
+        if seen is not None:
+            why = check_object_file(out, full=u in suspects)
+            if why is None:
+                continue
+            log.warning("cached object %s does not read back (%s): rendering it again", out, why)
+        jobs.append((u, p, out, settings, claims_dir, seen))
+    counts = {_RENDERED: 0, _REPAIRED: 0}
+    errors: list[str] = []
     skip_log = os.path.join(cache_path, "skipped.jsonl")
     paths = dict(objects)
 
-    def record(uid: str, reason: str | None) -> None:
-        nonlocal rendered
+    def record(uid: str, reason: str | None, outcome: str) -> None:
+        if outcome == _DONE:
+            return
         if reason is None:
-            rendered += 1
+            counts[_RENDERED] += 1
+            counts[_REPAIRED] += outcome == _REPAIRED
             return
         skipped[uid] = reason
         transient = reason.startswith(RENDER_ERROR)
@@ -270,28 +399,39 @@ def render_into_cache(objects: list[tuple[str, str]], cache_path: str, settings:
                     + "\n")
         if transient:
             errors.append(reason)
-        if len(errors) >= 5 and rendered == 0:  # systematic failure (GL, disk): stop instead of skipping all
+        if len(errors) >= 5 and counts[_RENDERED] == 0:  # systematic failure (GL, disk): stop instead of skipping all
             raise RuntimeError(f"rendering fails for every object, e.g. {errors[0]}; see {skip_log}")
 
     bar = tqdm(total=len(jobs), desc=f"render {os.path.basename(cache_path)}", unit="obj", disable=not jobs)
-    if workers > 0 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: the parent may hold a GL context, which must never be shared with a child.
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            for uid, reason in ex.map(_render_job, jobs, chunksize=4):
-                record(uid, reason)
+    pending, told = jobs, False
+    with _runner(workers, len(jobs)) as run:
+        while pending:
+            busy = []
+            for job, (uid, reason, outcome) in zip(pending, run(pending)):
+                if outcome == _BUSY:
+                    busy.append(job)
+                    continue
+                record(uid, reason, outcome)
                 bar.update()
-    else:
-        for job in jobs:
-            record(*_render_job(job))
-            bar.update()
+            if busy and not told:
+                name = os.path.basename(busy[0][2])[: -len(".npz")]
+                log.warning("%d objects are being rendered by another `data prepare` on this cache (e.g. %s, by "
+                            "%s): waiting for them", len(busy), busy[0][0], claim_owner(claims_dir, name))
+                told = True
+            if busy:
+                time.sleep(poll_s)
+            pending = busy
     bar.close()
+    if suspects:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cache_path, _READ_ERRORS))  # every listed entry was checked in full above
     requested = {u for u, _ in objects}
+    ready = {u for u in requested if os.path.exists(object_file(cache_path, u))}
+    bad = {**read_skipped(cache_path), **skipped}  # another run's skips included
     return {
-        "rendered": rendered,
-        "skipped": sum(1 for u in requested if u in skipped),
-        "cached": sum(1 for u in requested if os.path.exists(object_file(cache_path, u))),
+        "rendered": counts[_RENDERED],
+        "repaired": counts[_REPAIRED],
+        "skipped": sum(1 for u in requested if u in bad and u not in ready),
+        "cached": len(ready),
         "cache": cache_path,
     }

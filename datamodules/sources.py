@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,37 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = ["MESH_EXTS", "MESH_LAYOUTS", "GSO_MESH", "ObjectSources", "objaverse_root", "read_name_list",
-           "split_objects", "uid_fraction", "uid_seed"]
+           "split_objects", "uid_fraction", "uid_seed", "uid_filename"]
 
 MESH_EXTS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 MESH_LAYOUTS = ("files", "gso")
 GSO_MESH = os.path.join("meshes", "model.obj")  # Google Scanned Objects: <root>/<object>/meshes/model.obj
 # mesh_up_axis: null takes the layout's convention (GSO's scans are Z-up, in metres).
 _LAYOUT_UP_AXIS = {"files": "y", "gso": "z"}
+
+
+# A uid is used as a file name as it is only when it cannot leave its folder or hide: these characters, no leading
+# dot (".", "..", "..x"), at most 200 characters. Every other uid gets an encoded name (see uid_filename).
+_PLAIN_UID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+
+
+def uid_filename(uid: str) -> str:
+    """The file-name stem of a uid in the caches: the uid itself when it is plain (Objaverse's hex uids, GSO names,
+    ``a__b`` mesh paths), else a percent-encoded form that stays inside its folder.
+
+    Deterministic and one-to-one: every encoded form contains ``%`` and a plain uid never does; a form longer than
+    200 characters is cut and ends in ``%%`` + a hash (``%%`` never occurs in percent-encoding). So existing caches
+    keep their paths, and a hostile uid such as ``..x``, ``../../etc`` or ``a/b`` cannot name a path outside
+    ``objects/``.
+    """
+    if _PLAIN_UID.fullmatch(uid):
+        return uid
+    safe = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+    raw = uid.encode("utf-8", "surrogatepass")
+    enc = "".join(chr(b) if chr(b) in safe and not (i == 0 and b == 0x2E) else f"%{b:02X}" for i, b in enumerate(raw))
+    if len(enc) > 200:
+        enc = enc[:160] + "%%" + hashlib.sha1(raw).hexdigest()[:20]
+    return enc or "%"  # the empty uid: "%" alone is no percent-encoding of anything else
 
 
 def uid_fraction(uid: str, salt: str = "") -> float:
@@ -168,7 +193,7 @@ class ObjectSources:
         if self.converted_dir is None:
             raise ValueError("ObjectSources.converted_dir is needed for a Z-up mesh_dir (the rotated copies)")
         tag = hashlib.sha1(str(Path(os.path.expanduser(self.mesh_dir)).resolve()).encode()).hexdigest()[:10]
-        return os.path.join(os.path.expanduser(self.converted_dir), tag, f"{uid}.glb")
+        return os.path.join(os.path.expanduser(self.converted_dir), tag, f"{uid_filename(uid)}.glb")
 
     def _y_up_objects(self, objs: list[tuple[str, str]], convert: bool) -> list[tuple[str, str]]:
         """Swap each source path for its +Y-up copy, writing copies that are missing or older than their source.

@@ -98,7 +98,7 @@ def test_data_prepare_overrides_and_config_errors(tmp_path, capsys):
              f"--data.init_args.cache_dir={tmp_path / 'cache'}"]
     assert main(["data", "prepare", "--config", str(TINY), *small]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("rendered=2 skipped=0 cache=") and str(tmp_path / "cache") in last
+    assert last.startswith("rendered=2 skipped=0 repaired=0 cache=") and str(tmp_path / "cache") in last
 
 
 def test_weights_tool_through_the_command(capsys):

@@ -202,7 +202,7 @@ data:
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("rendered=3 skipped=0 cache=") and os.path.isdir(last.split("cache=")[1])
+    assert last.startswith("rendered=3 skipped=0 repaired=0 cache=") and os.path.isdir(last.split("cache=")[1])
 
 
 @pytest.mark.parametrize("bad", [0, 5])

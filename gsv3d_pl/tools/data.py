@@ -3,8 +3,9 @@
 The configs are parsed exactly as ``gsv3d fit`` parses them (:func:`gsv3d_pl.config.parse_config`; overrides such
 as ``--data.init_args.resolution=128`` may name any key and are type-checked), then only the ``data`` section is
 built (the model is not instantiated, so missing model weights do not matter here), ``prepare_data()`` runs, and
-the command ends by printing ``rendered=<n> skipped=<m> cache=<path>``. ``gsv3d_pl`` does not import
-``datamodules``: the class is reached only through the config's ``class_path``.
+the command ends by printing ``rendered=<n> skipped=<m> repaired=<r> cache=<path>`` (``repaired``: cache entries
+that did not read back, rendered again or, for latents, removed so that the next run encodes them again).
+``gsv3d_pl`` does not import ``datamodules``: the class is reached only through the config's ``class_path``.
 
 Exit status 2 when the config does not parse or the datamodule rejects its arguments; the message names the
 config files and the key.
@@ -55,5 +56,6 @@ def main(argv: list[str]) -> int:
     cache = stats.get("cache", getattr(dm, "cache_path", None))
     if "cached" in stats:
         print(f"cached={stats['cached']}", file=sys.stderr)
-    print(f"rendered={stats.get('rendered', 0)} skipped={stats.get('skipped', 0)} cache={cache}")
+    print(f"rendered={stats.get('rendered', 0)} skipped={stats.get('skipped', 0)} "
+          f"repaired={stats.get('repaired', 0)} cache={cache}")
     return 0
