@@ -9,6 +9,8 @@ Tool commands (``gsv3d <tool> ...``) are dispatched before LightningCLI; each li
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +58,68 @@ def reroot_run_paths(trainer_cfg) -> None:
             init.dirpath = _reroot(init.dirpath if init.get("dirpath") is not None else "checkpoints", root)
 
 
+class RunConfigError(Exception):
+    """A config or ``--ckpt_path`` that cannot start a run: ``gsv3d`` prints its one line and exits 2."""
+
+
+def root_cause_message(e: BaseException) -> str:
+    """The constructor's own message under jsonargparse's wrapping (which repeats the whole config)."""
+    while e.__cause__ is not None and isinstance(e.__cause__, (ValueError, TypeError, FileNotFoundError)):
+        e = e.__cause__
+    text = str(e).strip()
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        # jsonargparse lists each subtype's error; the first one is the class's own
+        lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
+        text = lines[0] if lines else text.splitlines()[0]
+    return text if not isinstance(e, TypeError) else f"{text} (a constructor argument of the wrong name or type)"
+
+
+def _checkpoint_dirs(cfg) -> list[str]:
+    """The ModelCheckpoint folders of a parsed config (after :func:`reroot_run_paths`)."""
+    dirs = []
+    for cb in cfg.trainer.get("callbacks") or []:
+        init = getattr(cb, "init_args", None)
+        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and init is not None:
+            dirs.append(str(init.get("dirpath") or "checkpoints"))
+    return dirs
+
+
+def _is_rank_zero() -> bool:
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def prepare_run(cfg, subcommand: str, clean: bool = True) -> None:
+    """Before anything is built: clean killed checkpoint writes, and check or resolve ``--ckpt_path``.
+
+    ``last`` becomes the newest checkpoint of the run's checkpoint folders that loads (a warning for each that
+    does not), or None with one line saying the run starts from scratch. Any other path must load.
+    """
+    from gsv3d_pl.checkpoints import CheckpointReadError, check_checkpoint, clean_orphan_temp_files, resolve_resume
+
+    dirs = _checkpoint_dirs(cfg)
+    if clean and subcommand == "fit" and _is_rank_zero():
+        root = cfg.trainer.get("default_root_dir")
+        for f in clean_orphan_temp_files(dirs + ([str(root)] if root else [])):
+            print(f"gsv3d: removed {f}, left by an interrupted checkpoint write", file=sys.stderr)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "best", "hpc", "registry") or (isinstance(ckpt, str) and ckpt.startswith("registry:")):
+        return
+    if ckpt == "last":
+        path, warnings = resolve_resume(dirs)
+        for w in warnings:
+            print(f"gsv3d: warning: {w}", file=sys.stderr)
+        if path is None:
+            where = ", ".join(dirs) or "(no ModelCheckpoint folder in the config)"
+            print(f"gsv3d {subcommand}: --ckpt_path last: no checkpoint that loads in {where}: starting from scratch",
+                  file=sys.stderr)
+        cfg["ckpt_path"] = path
+        return
+    try:
+        check_checkpoint(ckpt, option="--ckpt_path")
+    except (CheckpointReadError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from None
+
+
 class ParsedConfig(Exception):
     """Raised by ``build_cli(parse_only=True)`` once the config is parsed; ``.config`` holds it."""
 
@@ -76,6 +140,17 @@ def build_cli(args=None, run: bool = True, parse_only: bool = False, **kwargs):
             if not parse_only:  # a config reader must not reseed the caller's global RNG
                 super()._set_seed()
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads --ckpt_path here (for its hyper-parameters), before anything else: check it first.
+            sub = self.config.get("subcommand")
+            if sub:
+                reroot_run_paths(self.config[sub].trainer)
+                try:
+                    prepare_run(self.config[sub], sub, clean=not parse_only)
+                except ValueError as e:
+                    raise RunConfigError(str(e)) from None
+            super()._parse_ckpt_path()
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             reroot_run_paths(cfg.trainer)
@@ -83,7 +158,31 @@ def build_cli(args=None, run: bool = True, parse_only: bool = False, **kwargs):
         def instantiate_classes(self) -> None:
             if parse_only:
                 raise ParsedConfig(self.config)
-            super().instantiate_classes()
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            root = os.path.abspath(cfg.trainer.get("default_root_dir") or os.getcwd())
+            existed = os.path.exists(root)
+            try:
+                super().instantiate_classes()
+                from gsv3d_pl.stages.common import check_data_compat
+
+                check_data_compat(self.model, self.datamodule)
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                if not existed and os.path.isdir(root):  # a run that never started leaves no folder behind
+                    shutil.rmtree(root, ignore_errors=True)
+                if os.environ.get("GSV3D_TRACEBACK"):
+                    raise
+                raise RunConfigError(root_cause_message(e)) from None
+
+        def instantiate_trainer(self, **kwargs):
+            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+            from gsv3d_pl.checkpoints import AtomicCheckpointIO
+
+            trainer = super().instantiate_trainer(**kwargs)
+            # Every checkpoint lands atomically beside its target (Lightning's own write copies through $TMPDIR).
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a requeued SLURM job rewrites config.yaml
     parser_kwargs = kwargs.pop("parser_kwargs", {})
@@ -123,5 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         _print_tools()
         args = args or ["--help"]
     # LightningCLI warns when given args that merely repeat sys.argv; pass None then.
-    build_cli(args=None if args == sys.argv[1:] else args)
+    try:
+        build_cli(args=None if args == sys.argv[1:] else args)
+    except RunConfigError as e:
+        sub = next((a for a in args if not a.startswith("-")), "")
+        configs = [a.split("=", 1)[-1] if a.startswith("--config=") else b
+                   for a, b in zip(args, args[1:] + [""]) if a.startswith("--config")]
+        where = f" --config {' '.join(configs)}" if configs else ""
+        print(f"gsv3d {sub}:{where}: {e}", file=sys.stderr)
+        return 2
     return 0

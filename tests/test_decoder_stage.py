@@ -211,7 +211,7 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(tmp_pa
         trainer.fit(stage, dm)
     msg = str(exc.value)
     assert "global step 2" in msg and "rgb=nan" in msg
-    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
 

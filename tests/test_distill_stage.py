@@ -65,7 +65,7 @@ def test_only_lora_trains_and_decoder_is_loaded(decoder_ckpt):
     trainable = {n for n, p in stage.named_parameters() if p.requires_grad}
     assert trainable and trainable == set(lora_params(stage))
     assert stage.num_lora_params == sum(p.numel() for p in lora_params(stage).values())
-    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for k, v in stage.decoder.state_dict().items():
         assert torch.equal(v, ck[f"decoder.{k}"])
 
@@ -105,7 +105,7 @@ def test_fit_keeps_decoder_bit_identical_and_saves_only_lora(decoder_ckpt, tmp_p
         assert torch.equal(v, dec_before[k]), k
     assert any(not torch.equal(p, lora_before[n]) for n, p in lora_params(stage).items())
     assert "val/psnr" in trainer.callback_metrics
-    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ck["state_dict"])
     assert keys == {k for k in lora_params(stage)}, sorted(keys - set(lora_params(stage)))[:5]
     assert ck["optimizer_states"] and ck["gsv3d"]["stage"] == "distill"
@@ -139,7 +139,7 @@ def test_missing_or_mismatched_decoder_checkpoint_fails_at_start(decoder_ckpt, t
         make_distill(str(bad))
     vae, dino = encoders()
     # weights that do not fit the architecture the checkpoint records
-    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=False)
+    ck = torch.load(decoder_ckpt, map_location="cpu", weights_only=True)
     ck["gsv3d"]["decoder"]["init_args"]["dim"] = 48
     torch.save(ck, tmp_path / "tampered.ckpt")
     with pytest.raises(ValueError, match="do not fit the decoder it records"):
@@ -182,7 +182,7 @@ def test_frozen_decoder_parameters_come_from_the_rebuilt_decoder(tmp_path):
     torch.manual_seed(0)
     dec = PartlyFrozenDecoder(**{**GS_DECODER_PRESETS["tiny"], **DEC_KW})
     path = save_stage1_checkpoint(tmp_path / "partly_frozen.ckpt", dec)
-    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     assert "decoder.patch_embed.weight" not in saved and "decoder.head.weight" in saved
     from gsv3d_pl.stages.handoff import load_decoder
 

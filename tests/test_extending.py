@@ -42,21 +42,26 @@ def test_a_decoder_that_is_not_a_gsdecoder_trains_and_hands_off(tmp_path, monkey
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     ckpt = run / "checkpoints" / "last.ckpt"
-    meta = torch.load(ckpt, map_location="cpu", weights_only=False)["gsv3d"]
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True)["gsv3d"]
     assert meta["decoder"] == {"class_path": "my_decoder.PixelDecoder",
                                "init_args": {"latent_channels": 4, "hidden": 32, "vae_factor": 8, "near": 1.1,
                                              "far": 2.9, "dino_dim": None}}
 
-    # stage 2 through the CLI, as the guide says: the unchanged distill config builds a PixelDecoder
+    # stage 2 through the CLI, as the guide says: unlisted, the extension's class is refused ...
+    stage2 = [sys.executable, "-m", "gsv3d_pl", "fit", "--config", "configs/distill/tiny.yaml",
+              "--model.init_args.dino=null", f"--model.init_args.decoder_ckpt={ckpt}"]
+    res = subprocess.run(stage2 + ["--trainer.default_root_dir", str(tmp_path / "refused")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 2 and "my_decoder.PixelDecoder" in res.stderr and "decoder_classes" in res.stderr
+    # ... and listed in decoder_classes, the distill config builds a PixelDecoder
     res = subprocess.run(
-        [sys.executable, "-m", "gsv3d_pl", "fit", "--config", "configs/distill/tiny.yaml",
-         "--model.init_args.dino=null", f"--model.init_args.decoder_ckpt={ckpt}",
+        [*stage2, "--model.init_args.decoder_classes=[my_decoder.PixelDecoder]",
          "--trainer.default_root_dir", str(tmp_path / "run2"), "--trainer.max_steps=1",
          "--trainer.limit_val_batches=0", "--data.init_args.toy_objects=6", f"--data.init_args.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    meta2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["gsv3d"]
+    meta2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["gsv3d"]
     assert meta2["stage"] == "distill" and meta2["decoder"]["class_path"] == "my_decoder.PixelDecoder"
 
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -67,9 +72,10 @@ def test_a_decoder_that_is_not_a_gsdecoder_trains_and_hands_off(tmp_path, monkey
     # the class default (decoder_gradient_checkpointing=True) warns for a decoder without the switch, and trains
     with pytest.warns(UserWarning, match="has no gradient_checkpointing attribute"):
         stage = DistillStage(vae=VAE("tiny", scaling_factor=4.0), dino=None, clip=CLIPImageEmbedder("tiny"),
-                             sv3d=SV3D("tiny", cfg_dropout=0.0), decoder_ckpt=str(ckpt), lora_rank=2)
+                             sv3d=SV3D("tiny", cfg_dropout=0.0), decoder_ckpt=str(ckpt), lora_rank=2,
+                             decoder_classes=["my_decoder.PixelDecoder"])
     assert type(stage.decoder).__name__ == "PixelDecoder" and stage.decoder.config.hidden == 32
-    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for k, v in stage.decoder.state_dict().items():
         assert torch.equal(v, trained[f"decoder.{k}"]), k
     batch = collate([synthetic_sample(0, resolution=64)])

@@ -85,7 +85,7 @@ def test_killed_run_resumes_with_identical_step_and_optimizer_state(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)  # a hard kill, as a pre-empted node
         proc.wait()
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     k_saved = saved["global_step"]
     assert k_saved >= k
 
@@ -107,7 +107,7 @@ def test_killed_run_resumes_with_identical_step_and_optimizer_state(tmp_path):
     assert cap.sched_last_epoch == saved["lr_schedulers"][0]["last_epoch"]
     assert trainer.global_step == k_saved + 2
     # the weights it resumed from are the checkpoint's
-    final = torch.load(last, map_location="cpu", weights_only=False)
+    final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == k_saved + 2
 
 

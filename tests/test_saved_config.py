@@ -39,7 +39,7 @@ def test_saved_configs_work_with_test_and_predict(tmp_path):
           "--model.init_args.heldout_eval=false", "--model.init_args.decoder.init_args.dim=48")
     gsv3d("fit", "--config", "configs/distill/tiny.yaml", f"--trainer.default_root_dir={dist}", *short, *data,
           f"--model.init_args.decoder_ckpt={dec / 'checkpoints' / 'last.ckpt'}", "--model.init_args.val_sample_steps=2")
-    meta = torch.load(dist / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["gsv3d"]
+    meta = torch.load(dist / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["gsv3d"]
     assert meta["decoder"]["init_args"]["dim"] == 48 and meta["decoder"]["class_path"].endswith("GSDecoder")
 
     # `gsv3d test` with each run's saved config (it holds ckpt_path: null, which the test parser accepts)

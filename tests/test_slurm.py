@@ -89,7 +89,7 @@ def _submit(sweep_file: Path, out: Path, env: dict) -> str:
 
 
 def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_requeue_resumes_from_hpc_checkpoint(cluster, tmp_path):
@@ -162,7 +162,7 @@ class Stage2(Counter):
         if not os.path.isfile(decoder_ckpt):
             raise FileNotFoundError(f"stage 1 checkpoint {decoder_ckpt} not found")
         super().__init__(decoder, lambda_rgb, lambda_depth, dino, step_sleep, lr)
-        self.upstream_w = float(torch.load(decoder_ckpt, map_location="cpu", weights_only=False)["state_dict"]["w"])
+        self.upstream_w = float(torch.load(decoder_ckpt, map_location="cpu", weights_only=True)["state_dict"]["w"])
 
     def on_test_epoch_end(self):
         super().on_test_epoch_end()

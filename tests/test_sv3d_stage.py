@@ -95,7 +95,7 @@ def test_fit_validates_exports_and_resumes_with_ema(tmp_path):
     assert not torch.allclose(denoise(make_stage().sv3d), want)  # not the init
 
     # a checkpoint holds every UNet weight (full fine-tune) and the EMA; resuming restores both
-    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert set(ck["state_dict"]) == set(params)
     assert ck["gsv3d"]["ema"]["step"] == 3
     fresh = make_stage(ema_decay=0.9)

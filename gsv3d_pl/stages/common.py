@@ -16,7 +16,7 @@ from gsv3d_pl.models.frozen import is_frozen
 from gsv3d_pl.stages.losses import NonFiniteLossError, check_finite
 
 __all__ = ["StageBase", "warmup_cosine", "gather_views", "novel_view_indices", "sample_view_subset", "check_dino",
-           "check_vae_factor", "orbit_latents", "sv3d_conditioning", "sample_orbit"]
+           "check_vae_factor", "check_data_compat", "orbit_latents", "sv3d_conditioning", "sample_orbit"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,27 @@ def check_vae_factor(vae: nn.Module, decoder: nn.Module, decoder_source: str) ->
     if want is not None and have is not None and int(want) != int(have):
         raise ValueError(f"the decoder ({decoder_source}) has vae_factor={want} but the VAE downsamples by {have} "
                          "(model.init_args.vae): its rays and intrinsics would not match the latents")
+
+
+def check_data_compat(model: nn.Module, datamodule) -> None:
+    """Facts of the data section the model section must agree with, checked before anything renders.
+
+    Duck-typed (``gsv3d_pl`` never imports ``datamodules``): the datamodule's ``resolution`` must be a multiple of
+    the VAE's downsampling times the decoder's patch size, so every latent splits into whole tokens.
+    """
+    res = getattr(datamodule, "resolution", None)
+    vae = getattr(model, "vae", None)
+    factor = getattr(vae, "downsample", None)
+    if res is None or factor is None:
+        return
+    decoder = getattr(model, "decoder", None)
+    patch = int(vars(decoder).get("patch_size", 1) or 1) if decoder is not None else 1
+    need = int(factor) * patch
+    if int(res) % need:
+        what = f"the VAE's downsampling ({factor})" + (f" x the decoder's patch_size ({patch})" if patch > 1 else "")
+        raise ValueError(f"data.init_args.resolution={res} is not a multiple of {need} = {what} "
+                         f"(model.init_args.vae): use e.g. {max(need, int(res) // need * need)} or "
+                         f"{(int(res) // need + 1) * need}")
 
 
 def check_dino(dino: nn.Module | None, decoder: nn.Module, decoder_source: str) -> None:
@@ -139,7 +160,7 @@ class StageBase(pl.LightningModule):
                  min_lr_ratio: float, background: float, render_chunk_views: int | None, render_backend: str):
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
         self.warmup_steps, self.min_lr_ratio = int(warmup_steps), float(min_lr_ratio)
         self.background = float(background)

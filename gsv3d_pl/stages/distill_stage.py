@@ -62,6 +62,9 @@ class DistillStage(DistillEvaluation, StageBase):
         sv3d: the SV3D model (UNet + EDM); its base weights are frozen, LoRA is injected here.
         decoder_ckpt: the stage-1 DecoderStage checkpoint (e.g. runs/decoder_tiny/checkpoints/last.ckpt). The
             frozen decoder is rebuilt from it alone: its class, init args and weights (stage hand-off).
+        decoder_classes: decoder classes outside ``gsv3d_pl`` that ``decoder_ckpt`` may name, as
+            ``module.Class`` (an extension's decoder, docs/extending.md). A checkpoint naming any other class is
+            refused: it is data and cannot choose code to run (docs/security.md).
         lora_rank, lora_alpha (None = rank, i.e. scale 1), lora_targets, lora_dropout: the peft LoraConfig.
         num_input_views: frames of D fed to the decoder. None = the datamodule's ``input_indices`` (N random
             orbit frames per object); an int = that many distinct random orbit frames per object and step.
@@ -104,6 +107,7 @@ class DistillStage(DistillEvaluation, StageBase):
         clip: CLIPImageEmbedder,
         sv3d: SV3D,
         decoder_ckpt: str,
+        decoder_classes: list[str] = (),
         lora_rank: int = 4,
         lora_alpha: float | None = None,
         lora_targets: list[str] = ("to_q", "to_k", "to_v", "to_out.0"),
@@ -149,7 +153,8 @@ class DistillStage(DistillEvaluation, StageBase):
                              f"(at least one), got {list(test_variants)}")
         self.vae, self.clip, self.dino = freeze(vae), freeze(clip), freeze(dino)
         self.decoder_ckpt = str(decoder_ckpt)
-        decoder, meta = load_decoder(decoder_ckpt)  # fails here, at start, if missing or unreadable
+        self.decoder_classes = [str(c) for c in decoder_classes]
+        decoder, meta = load_decoder(decoder_ckpt, self.decoder_classes)  # fails here, at start, if unreadable
         self.decoder = freeze(decoder)
         if hasattr(decoder, "gradient_checkpointing"):
             decoder.gradient_checkpointing = bool(decoder_gradient_checkpointing)

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["DECODER_CKPT_KEY", "decoder_record", "build_decoder", "load_decoder"]
+from gsv3d_pl.checkpoints import read_checkpoint
+
+__all__ = ["DECODER_CKPT_KEY", "TRUSTED_KEY", "decoder_record", "build_decoder", "load_decoder", "resolve_decoder_class"]
 
 DECODER_CKPT_KEY = "model.init_args.decoder_ckpt"
+TRUSTED_KEY = "model.init_args.decoder_classes"
+#: Decoder records naming a class under this package are rebuilt without being listed in the config.
+PROJECT_PACKAGE = "gsv3d_pl."
 
 
 def decoder_record(decoder: nn.Module) -> dict[str, Any]:
@@ -45,17 +50,40 @@ def decoder_record(decoder: nn.Module) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
-def build_decoder(record: dict[str, Any], source: str = "the checkpoint") -> nn.Module:
-    """Instantiate a decoder from :func:`decoder_record`'s dict (random weights)."""
-    class_path = str(record.get("class_path", ""))
+def resolve_decoder_class(class_path: str, trusted: Iterable[str] = (), source: str = "the checkpoint") -> type:
+    """The ``nn.Module`` subclass a decoder record names, if the record may name it.
+
+    A checkpoint is data: the class it names is imported only when it is one of the project's (``gsv3d_pl.*``) or
+    one the user's own config lists in ``decoder_classes`` (an extension's decoder). Anything else, or anything
+    that is not an ``nn.Module`` subclass (``os.system``, a function), is refused before it is imported or called.
+    """
+    class_path = str(class_path)
+    trusted = {str(t) for t in trusted}
+    if not (class_path.startswith(PROJECT_PACKAGE) or class_path in trusted):
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source} names decoder class {class_path!r}, which is neither one of "
+                         f"the project's (gsv3d_pl.*) nor listed in {TRUSTED_KEY}: refused (a checkpoint cannot "
+                         f"choose code to run). If it is your own decoder, add {class_path!r} to {TRUSTED_KEY}.")
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"{DECODER_CKPT_KEY}: {source} names decoder class {class_path!r}, which cannot be "
-                         f"imported ({type(e).__name__}: {e}); is the package that defines it installed?") from e
+                         f"imported ({type(e).__name__}: {e}); is the package that defines it installed?") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source} names {class_path!r} as its decoder class, but that is not a "
+                         "torch.nn.Module subclass: refused")
+    return cls
+
+
+def build_decoder(record: dict[str, Any], source: str = "the checkpoint", trusted: Iterable[str] = ()) -> nn.Module:
+    """Instantiate a decoder from :func:`decoder_record`'s dict (random weights); see :func:`resolve_decoder_class`."""
+    class_path = str(record.get("class_path", ""))
+    cls = resolve_decoder_class(class_path, trusted, source)
+    init_args = record.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source}: the decoder's init_args are not a mapping")
     try:
-        return cls(**dict(record.get("init_args") or {}))
+        return cls(**dict(init_args))
     except TypeError as e:
         raise ValueError(f"{DECODER_CKPT_KEY}: {source}: {class_path}(**init_args) failed: {e}") from e
 
@@ -67,17 +95,13 @@ def _read(path: str) -> dict:
             "`gsv3d fit --config configs/decoder/tiny.yaml` writes runs/decoder_tiny/checkpoints/last.ckpt) "
             "or point the key at an existing DecoderStage checkpoint."
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise ValueError(f"{DECODER_CKPT_KEY}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} has no 'state_dict'; it is not a Lightning checkpoint")
-    return ckpt
+    return read_checkpoint(path, DECODER_CKPT_KEY, expected="a stage-1 (DecoderStage) checkpoint")
 
 
-def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_decoder(path: str | os.PathLike, trusted: Iterable[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the stage-1 decoder of a DecoderStage checkpoint, weights loaded strictly.
+
+    ``trusted``: decoder classes outside ``gsv3d_pl`` the checkpoint may name (``model.init_args.decoder_classes``).
 
     Returns:
         (decoder, meta): the decoder (in eval mode, still trainable: the caller freezes it) and the
@@ -100,7 +124,7 @@ def load_decoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         weights = dict(ckpt["ema"]["weights"])
     if not weights:
         raise ValueError(f"{DECODER_CKPT_KEY}: {path!r} holds no 'decoder.*' weights; is it a DecoderStage checkpoint?")
-    decoder = build_decoder(record, repr(path))
+    decoder = build_decoder(record, repr(path), trusted)
     # A checkpoint holds what trained: a decoder's frozen parameters (e.g. a pretrained backbone it loads itself)
     # are not in it, and come from the rebuilt decoder.
     frozen = {n for n, p in decoder.named_parameters() if not p.requires_grad}

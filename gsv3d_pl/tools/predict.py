@@ -180,18 +180,13 @@ def load_stage(configs: list[str]):
 
 def load_checkpoint(stage, ckpt_path: str) -> dict:
     """Load a DistillStage checkpoint (the LoRA weights) into ``stage``; clear errors for the wrong file."""
-    import torch
+    from gsv3d_pl.checkpoints import read_checkpoint
 
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file (a DistillStage .ckpt, e.g. "
                                 "runs/distill_tiny/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"--ckpt_path {ckpt_path}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"--ckpt_path {ckpt_path}: no 'state_dict'; it is not a Lightning checkpoint")
+    ckpt = read_checkpoint(path, "--ckpt_path", expected="a stage-2 (DistillStage) checkpoint")
     meta = ckpt.get("gsv3d", {}) if isinstance(ckpt.get("gsv3d"), dict) else {}
     if meta.get("stage") == "decoder":
         raise ValueError(f"--ckpt_path {ckpt_path} is a stage-1 (decoder) checkpoint; predict takes a stage-2 "
