@@ -13,7 +13,8 @@ starts a new cache instead of mixing renders):
                                      asked; transient render errors are)
     claims/<name>.claim              held while one process renders the object (:mod:`datamodules.claims`)
     read_errors.jsonl                {"uid", "path", "error"} per failed read in training; the next prepare
-                                     decodes these entries in full and re-renders the ones that fail
+                                     decodes these entries in full and re-renders the ones that fail (it
+                                     moves the file aside first, to read_errors.jsonl.<random>.taken)
     latents/...                      optional VAE latents (:mod:`datamodules.latent_cache`)
 
 The Q views are the 21-frame SV3D orbit (:mod:`gsv3d_pl.orbit`), then ``num_extra_views`` random cameras seeded by
@@ -27,6 +28,7 @@ again by :func:`render_into_cache`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -289,15 +291,40 @@ def cache_read_error(path: str, uid: str, err: BaseException) -> RuntimeError:
                         f"cache with `{REPAIR_HINT}`: it renders this object again.")
 
 
-def _read_errors(cache_path: str) -> set[str]:
-    """uids whose reads failed in training (:func:`cache_read_error`)."""
+def _uid_of(line: bytes) -> str | None:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return json.loads(line)["uid"]
+    return None
+
+
+def _take_read_errors(cache_path: str) -> dict[str, bytes]:
+    """Move ``read_errors.jsonl`` aside (reads that fail from now on go to a new file), and read it together with any
+    moved aside by a prepare that did not finish; returns {file moved aside: its complete lines}."""
     path = os.path.join(cache_path, _READ_ERRORS)
-    out = set()
-    if os.path.exists(path):
-        for line in Path(path).read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                out.add(json.loads(line)["uid"])
-    return out
+    with contextlib.suppress(OSError):  # none, or a read-only cache
+        os.rename(path, f"{path}.{os.urandom(8).hex()}.taken")
+    taken = {}
+    for p in glob.glob(glob.escape(path) + ".*.taken"):
+        with contextlib.suppress(FileNotFoundError):
+            data = Path(p).read_bytes()
+            taken[p] = data[: data.rfind(b"\n") + 1]
+    return taken
+
+
+def _put_back_read_errors(cache_path: str, taken: dict[str, bytes], handled: set[str]) -> None:
+    """Remove the files :func:`_take_read_errors` moved aside; their lines about uids not in ``handled``, and lines
+    appended after they were read (by a training run that opened the file before it moved), go back."""
+    for p, data in taken.items():
+        try:
+            now = Path(p).read_bytes()
+        except FileNotFoundError:
+            continue  # another prepare finished with it
+        keep = b"".join(ln for ln in data.splitlines(keepends=True) if _uid_of(ln) not in handled) + now[len(data):]
+        if keep:
+            with open(os.path.join(cache_path, _READ_ERRORS), "ab") as f:
+                f.write(keep if keep.endswith(b"\n") else keep + b"\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
 
 # ----------------------------------------------------------------------------------------------------------------
 # the whole cache: manifest, skipped objects, rendering every missing object
@@ -366,7 +393,8 @@ def render_into_cache(objects: list[tuple[str, str]], cache_path: str, settings:
     os.makedirs(cache_path, exist_ok=True)
     write_manifest(cache_path, settings)
     skipped = {} if retry_skipped else read_skipped(cache_path)
-    suspects = _read_errors(cache_path)
+    taken = _take_read_errors(cache_path)
+    suspects = {u for data in taken.values() for u in map(_uid_of, data.splitlines()) if u is not None}
     claims_dir = os.path.join(cache_path, "claims")
     jobs = []
     for u, p in objects:
@@ -422,10 +450,8 @@ def render_into_cache(objects: list[tuple[str, str]], cache_path: str, settings:
                 time.sleep(poll_s)
             pending = busy
     bar.close()
-    if suspects:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(cache_path, _READ_ERRORS))  # every listed entry was checked in full above
     requested = {u for u, _ in objects}
+    _put_back_read_errors(cache_path, taken, requested)  # every listed entry of these objects was checked in full
     ready = {u for u in requested if os.path.exists(object_file(cache_path, u))}
     bad = {**read_skipped(cache_path), **skipped}  # another run's skips included
     return {

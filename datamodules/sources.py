@@ -47,9 +47,10 @@ def uid_filename(uid: str) -> str:
     ``a__b`` mesh paths), else a percent-encoded form that stays inside its folder.
 
     Deterministic and one-to-one: every encoded form contains ``%`` and a plain uid never does; a form longer than
-    200 characters is cut and ends in ``%%`` + a hash (``%%`` never occurs in percent-encoding). So existing caches
-    keep their paths, and a hostile uid such as ``..x``, ``../../etc`` or ``a/b`` cannot name a path outside
-    ``objects/``.
+    200 characters is cut and ends in ``%%`` + a hash (``%%`` never occurs in percent-encoding). A hostile uid such
+    as ``..x``, ``../../etc`` or ``a/b`` cannot name a path outside ``objects/``. In caches written before uids were
+    escaped, only plain uids (characters ``[A-Za-z0-9_.-]``, no leading dot, 1 to 200 characters) keep their
+    paths; any other uid is rendered (and encoded) again, once, under its escaped name.
     """
     if _PLAIN_UID.fullmatch(uid):
         return uid

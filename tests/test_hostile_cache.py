@@ -10,18 +10,21 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import trimesh
 
+import datamodules.claims as claims
 import datamodules.mesh_io as mesh_io
+import datamodules.render_cache as render_cache
 from datamodules import ObjaverseDataModule
 from datamodules.claims import claim_path, release, try_claim
 from datamodules.latent_cache import check_latent_file, latent_file
 from datamodules.mesh_io import BadMeshError, load_mesh
-from datamodules.render_cache import check_object_file, object_file, read_cached_object
+from datamodules.render_cache import cache_read_error, check_object_file, object_file, read_cached_object
 from datamodules.sources import uid_filename
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +169,36 @@ def test_damage_inside_an_entry_is_repaired_after_a_failed_read(tmp_path):
     assert dm.prepare_stats["rendered"] == 0  # the read-error record was consumed
 
 
+def test_read_errors_appended_during_a_prepare_are_kept(tmp_path, monkeypatch):
+    """A training run that fails a read while a prepare runs keeps its record; records of objects this prepare did
+    not check, and those moved aside by a prepare that crashed, are kept too."""
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup()
+    (uid0, p0), (uid1, p1) = dm._dataset("train").files[:2]
+    cache_read_error(p0, uid0, OSError("boom"))
+    errors = Path(dm.cache_path) / "read_errors.jsonl"
+    with open(errors, "a") as f:
+        f.write(json.dumps({"uid": "elsewhere", "path": "x", "error": "e"}) + "\n")
+    crashed = errors.with_name(errors.name + ".0123.taken")  # moved aside by a prepare that did not finish
+    crashed.write_text(json.dumps({"uid": "orphan", "path": "y", "error": "e"}) + "\n")
+    real, late = render_cache.check_object_file, []
+
+    def check(path, full=False):
+        if not late:  # a training run fails to read uid1 while this prepare checks the entries
+            late.append(cache_read_error(p1, uid1, OSError("late")))
+        return real(path, full)
+
+    monkeypatch.setattr(render_cache, "check_object_file", check)
+    dm.prepare_data()
+    assert late and dm.prepare_stats["rendered"] == 0
+    uids = lambda: sorted(json.loads(line)["uid"] for line in errors.read_text().splitlines())  # noqa: E731
+    assert uids() == sorted([uid1, "elsewhere", "orphan"])  # uid0 was checked in full: its record is consumed
+    assert not list(Path(dm.cache_path).glob("*.taken"))
+    dm.prepare_data()
+    assert uids() == ["elsewhere", "orphan"]
+
+
 # ---- uids never leave objects/ ------------------------------------------------------------------------------------
 
 def test_uid_filenames_stay_in_their_folder():
@@ -216,6 +249,99 @@ def test_claims_break_only_for_dead_or_stale_owners(tmp_path):
     assert not try_claim(d, "c")  # another host: only the age tells
     os.utime(claim_path(d, "c"), (0, 0))
     assert try_claim(d, "c")
+
+
+class _Crash(BaseException):
+    """The process dies here."""
+
+
+class _CrashAfterCreate:
+    """``os`` for datamodules.claims, where the process dies right after a file appears at a path."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *a):
+        os.close(os.open(path, flags, *a))
+        raise _Crash
+
+    def link(self, src, dst):
+        os.link(src, dst)
+        raise _Crash
+
+
+def test_a_claim_is_never_left_empty(tmp_path, monkeypatch):
+    """A claim appears with its record in it; an empty one (older versions, or one cut short) is stale in a minute,
+    not CLAIM_STALE_S."""
+    d = str(tmp_path / "claims")
+    monkeypatch.setattr(claims, "os", _CrashAfterCreate())
+    with pytest.raises(_Crash):
+        try_claim(d, "a")
+    monkeypatch.undo()
+    rec = json.loads(Path(claim_path(d, "a")).read_text())  # whoever finds it can tell whether its owner is alive
+    assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname()
+    for text in ("", "{\"host\": "):
+        Path(claim_path(d, "b")).write_text(text)
+        assert not try_claim(d, "b")  # maybe being written
+        t = time.time() - claims.EMPTY_STALE_S - 60
+        os.utime(claim_path(d, "b"), (t, t))
+        assert claims.EMPTY_STALE_S + 60 < claims.CLAIM_STALE_S and try_claim(d, "b")
+        release(d, "b")
+
+
+def test_a_live_owner_on_this_host_keeps_its_claim_however_old(tmp_path):
+    d = str(tmp_path / "claims")
+    assert try_claim(d, "a")
+    os.utime(claim_path(d, "a"), (0, 0))  # a render that has taken longer than CLAIM_STALE_S
+    assert not try_claim(d, "a")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        rec = {"host": socket.gethostname(), "pid": other.pid, "start": claims._start_time(other.pid), "time": 0}
+        Path(claim_path(d, "b")).write_text(json.dumps(rec))
+        os.utime(claim_path(d, "b"), (0, 0))
+        assert not try_claim(d, "b")
+    finally:
+        other.kill()
+        other.wait()
+    assert try_claim(d, "b")  # its owner is gone now
+
+
+@pytest.mark.parametrize("reclaimed", [False, True])
+def test_breaking_a_stale_claim_never_removes_a_fresh_one(tmp_path, monkeypatch, reclaimed):
+    """Another process breaks the stale claim and claims the object after this one judged the claim stale: the fresh
+    claim stays (put back, or left alone when a third process claimed the free path meanwhile) and this process
+    does not claim the object."""
+    d = str(tmp_path / "claims")
+    os.makedirs(d)
+    path = claim_path(d, "a")
+    Path(path).write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": 0}))
+    os.utime(path, (0, 0))  # stale: an owner on another host, long ago
+    fresh = {"host": "elsewhere", "pid": 2, "time": time.time()}
+    third = {"host": "elsewhere", "pid": 3, "time": time.time()}
+    real = {f: getattr(os, f) for f in ("rename", "unlink", "link")}
+    raced = []
+
+    def put(rec):
+        Path(path + ".new").write_text(json.dumps(rec))
+        real["rename"](path + ".new", path)
+
+    def racing(f):
+        def call(src, dst=None, **kw):
+            if f != "link" and src == path and not raced:  # about to break the stale claim
+                raced.append(f)
+                real["unlink"](path)  # ... which another process breaks first
+                put(fresh)  # ... and claims the object
+            if f == "link" and dst == path and src.endswith(".broken") and reclaimed:  # about to put it back
+                put(third)
+            return real[f](src, **kw) if dst is None else real[f](src, dst, **kw)
+        return call
+
+    for f in real:
+        monkeypatch.setattr(os, f, racing(f))
+    assert not try_claim(d, "a")
+    monkeypatch.undo()
+    assert raced and json.loads(Path(path).read_text()) == (third if reclaimed else fresh)
+    assert os.listdir(d) == ["a.claim"]
 
 
 _PREPARE = r'''
