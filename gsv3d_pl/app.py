@@ -42,13 +42,17 @@ class AppRunner:
         resolution: the model's input resolution.
         outputs: folder that receives one ``<image stem>-<id>/`` per request.
         mesh: :class:`~gsv3d_pl.export.ExportSettings` for ``mesh.glb`` (None: no mesh export offered).
+        keep_results_s: result folders of this app (``<stem>-<8 hex>/`` in ``outputs``) older than this many
+            seconds are deleted at each request, so a served app does not fill the disk (None: keep all).
         The rest as the ``gsv3d predict`` flags of the same names.
     """
 
     def __init__(self, pipe, resolution: int, outputs: str | Path, *, foreground_ratio: float | None = None,
                  turntable_frames: int = 60, fps: int = 24, render_size: int | None = None,
-                 video_format: str = "mp4", mesh=None, backend: str = "auto", num_steps: int | None = None):
+                 video_format: str = "mp4", mesh=None, backend: str = "auto", num_steps: int | None = None,
+                 keep_results_s: float | None = 3600):
         self.pipe, self.resolution = pipe, int(resolution)
+        self.keep_results_s = keep_results_s
         self.outputs = Path(outputs)
         self.foreground_ratio = foreground_ratio
         self.turntable_frames, self.fps, self.render_size = turntable_frames, fps, render_size
@@ -71,6 +75,7 @@ class AppRunner:
         from gsv3d_pl.inference import write_prediction
 
         image, alpha = self.preprocess(path, alpha_mode)
+        self.prune_results()
         t0 = time.perf_counter()
         pred = self.pipe(image, alpha, elevation_deg=float(elevation), seed=int(seed),
                          num_steps=int(num_steps) if num_steps else None, progress=False)
@@ -83,6 +88,22 @@ class AppRunner:
                                      mesh=want_mesh)
         notes = [line.removeprefix("warning: ") for line in warn.getvalue().splitlines() if line.strip()]
         return AppResult(folder, files, int(pred.gaussians.num_gaussians), time.perf_counter() - t0, notes)
+
+
+    def prune_results(self) -> list[Path]:
+        """Delete this app's result folders older than ``keep_results_s``; returns them. Other files in
+        ``outputs`` are never touched: only names this app makes (``<stem>-<8 hex>``)."""
+        import re
+        import shutil
+
+        if self.keep_results_s is None or not self.outputs.is_dir():
+            return []
+        cutoff = time.time() - float(self.keep_results_s)
+        old = [d for d in self.outputs.iterdir() if d.is_dir() and re.fullmatch(r".+-[0-9a-f]{8}", d.name)
+               and d.stat().st_mtime < cutoff]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+        return old
 
 
 _CSS = "#gsv3d-title {margin-bottom: 0}"

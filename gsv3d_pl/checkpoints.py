@@ -57,7 +57,7 @@ def _refusal(path: str, option: str, expected: str, err: BaseException) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike, option: str = "", expected: str = "a Lightning checkpoint (.ckpt)",
-                    mmap: bool = False, map_location: Any = "cpu") -> dict:
+                    mmap: bool = False, map_location: Any = "cpu", require_state_dict: bool = True) -> dict:
     """Load a checkpoint as data only (``weights_only=True``) and check it is a Lightning checkpoint.
 
     Args:
@@ -65,6 +65,7 @@ def read_checkpoint(path: str | os.PathLike, option: str = "", expected: str = "
         option: where the path came from in messages, e.g. ``"--ckpt_path"`` or a config key.
         expected: what the caller wants, in messages ("a stage-1 (DecoderStage) checkpoint").
         mmap: map the tensors instead of reading them (cheap validity check of large files).
+        require_state_dict: a Lightning checkpoint (with ``state_dict``); False: any dict of tensors (weights).
 
     Returns:
         the checkpoint dict (it has a ``state_dict``).
@@ -80,7 +81,9 @@ def read_checkpoint(path: str | os.PathLike, option: str = "", expected: str = "
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - every failure becomes one message naming the file
         raise CheckpointReadError(_refusal(path, option, expected, e)) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+    if not isinstance(ckpt, dict):
+        raise CheckpointReadError(f"{where}: holds a {type(ckpt).__name__}, not a dict; expected {expected}")
+    if require_state_dict and not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointReadError(f"{where}: has no 'state_dict', so it is not a Lightning checkpoint; expected {expected}")
     return ckpt
 
@@ -111,12 +114,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if weights_only is False or not _is_local(os.fspath(path)):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        path = os.fspath(path).removeprefix("file://")
         try:
-            return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True)
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise CheckpointReadError(_refusal(os.fspath(path), "--ckpt_path", "a Lightning checkpoint", e)) from None
+            raise CheckpointReadError(_refusal(path, "--ckpt_path", "a Lightning checkpoint", e)) from None
 
 
 def clean_orphan_temp_files(folders: Iterable[str]) -> list[str]:

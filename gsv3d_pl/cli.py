@@ -104,6 +104,8 @@ def prepare_run(cfg, subcommand: str, clean: bool = True) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "best", "hpc", "registry") or (isinstance(ckpt, str) and ckpt.startswith("registry:")):
         return
+    if ckpt == "last" and not dirs:
+        return  # no ModelCheckpoint in the config: Lightning's default callback and its own `last`
     if ckpt == "last":
         path, warnings = resolve_resume(dirs)
         for w in warnings:
@@ -118,6 +120,44 @@ def prepare_run(cfg, subcommand: str, clean: bool = True) -> None:
         check_checkpoint(ckpt, option="--ckpt_path")
     except (CheckpointReadError, FileNotFoundError) as e:
         raise ValueError(str(e)) from None
+
+
+#: Hyper-parameters a checkpoint may not set: which classes are trusted comes from the user's own config only.
+UNTRUSTED_HPARAMS = ("decoder_classes",)
+
+
+def _qualified(class_path: str) -> str:
+    """``gsv3d_pl.DecoderStage`` -> ``gsv3d_pl.stages.decoder_stage.DecoderStage`` (the config's own class)."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return str(class_path)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def checkpoint_hparams(cfg) -> dict:
+    """The model section a ``--ckpt_path`` checkpoint's ``hyper_parameters`` set (LightningCLI merges them into the
+    config), minus what a file may not decide: the model class must be the config's, and the trust list stays
+    the user's. Empty when there is nothing to merge."""
+    from gsv3d_pl.checkpoints import read_checkpoint
+
+    path = cfg.get("ckpt_path")
+    if not path or not Path(path).is_file():
+        return {}
+    hparams = dict(read_checkpoint(path, "--ckpt_path", mmap=True).get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    for k in UNTRUSTED_HPARAMS:
+        hparams.pop(k, None)
+    cls = hparams.pop("_class_path", None)
+    model = cfg.get("model")
+    want = getattr(model, "class_path", None) if model is not None else None
+    if cls is not None and want is not None and cls not in (want, _qualified(want)):
+        raise ValueError(f"--ckpt_path {path}: a checkpoint of {cls}, but the config builds {want}; give the "
+                         "matching config, or a checkpoint of this stage")
+    if not hparams:
+        return {}
+    return {"class_path": cls, "dict_kwargs": hparams} if cls is not None else hparams
 
 
 class ParsedConfig(Exception):
@@ -147,9 +187,11 @@ def build_cli(args=None, run: bool = True, parse_only: bool = False, **kwargs):
                 reroot_run_paths(self.config[sub].trainer)
                 try:
                     prepare_run(self.config[sub], sub, clean=not parse_only)
+                    hparams = checkpoint_hparams(self.config[sub])
                 except ValueError as e:
                     raise RunConfigError(str(e)) from None
-            super()._parse_ckpt_path()
+                if hparams:  # as Lightning's own step: the checkpoint's hyper-parameters update the model section
+                    self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -55,6 +55,21 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_dir(folder: str) -> None:
+    if os.name != "posix":
+        return  # Windows cannot open a folder for fsync; NTFS journals the rename
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (e.g. some network mounts) refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
 def _parent(path: str | os.PathLike) -> str:
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(parent, exist_ok=True)
@@ -77,6 +92,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         _fsync_file(tmp)  # the data reaches the disk before the rename can: no empty file after a crash
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))  # and the rename itself survives a power loss
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -186,7 +186,9 @@ def test_frozen_decoder_parameters_come_from_the_rebuilt_decoder(tmp_path):
     assert "decoder.patch_embed.weight" not in saved and "decoder.head.weight" in saved
     from gsv3d_pl.stages.handoff import load_decoder
 
-    rebuilt, _ = load_decoder(path)
+    with pytest.raises(ValueError, match="decoder_classes"):  # a class outside gsv3d_pl is built only when listed
+        load_decoder(path)
+    rebuilt, _ = load_decoder(path, trusted=[f"{PartlyFrozenDecoder.__module__}.PartlyFrozenDecoder"])
     assert type(rebuilt) is PartlyFrozenDecoder
     torch.testing.assert_close(rebuilt.head.weight, dec.head.weight)
 

@@ -135,6 +135,15 @@ def test_a_decoder_record_naming_a_non_module_callable_is_refused(tmp_path, clas
     assert class_path in str(e.value) and str(path) in str(e.value) and "refused" in str(e.value)
 
 
+@pytest.mark.parametrize("class_path", [
+    "gsv3d_pl.stages.distill_stage.DistillStage",  # a stage: it would load a further checkpoint of the record's choice
+    "gsv3d_pl.models.sv3d.UNetSpatioTemporalConditionModel",  # a third-party class reached through a project module
+])
+def test_project_paths_reach_only_the_projects_own_networks(class_path):
+    with pytest.raises(ValueError, match="refused"):
+        resolve_decoder_class(class_path)
+
+
 def test_a_decoder_class_the_config_lists_is_trusted():
     with pytest.raises(ValueError, match="model.init_args.decoder_classes"):
         resolve_decoder_class("torch.nn.Linear")
@@ -201,8 +210,10 @@ def test_fit_with_a_bad_value_exits_2_with_one_line_before_rendering(tmp_path, c
     run, cache = tmp_path / "run", tmp_path / "cache"
     code = cli.main(["fit", "--config", TINY_DECODER, f"--trainer.default_root_dir={run}",
                      f"--data.init_args.cache_dir={cache}", override])
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("gsv3d fit")]
+    full = capsys.readouterr().err
+    err = [ln for ln in full.strip().splitlines() if ln.startswith("gsv3d fit")]
     assert code == 2 and len(err) == 1 and key in err[0], err
+    assert "Traceback" not in full and "Given value" not in full  # no chained tracebacks, no config dump
     assert override.split("=")[1] in err[0]  # the value
     assert not run.exists() and not cache.exists()  # no run folder, nothing rendered
 
@@ -242,7 +253,9 @@ def test_a_checkpoint_write_killed_half_way_never_truncates_last_ckpt(tmp_path):
         while proc.poll() is None and time.time() < deadline and caught is None:
             if not whole:  # wait for one complete last.ckpt, then catch a later rewrite half-way
                 whole = (ck / "last.ckpt").exists() and (ck / "last.ckpt").stat().st_size >= full
+                time.sleep(0.01)
                 continue
+            time.sleep(0.001)  # leave the core to the writer; a 128 MB write takes tens of ms
             try:
                 for entry in os.scandir(ck):
                     size = entry.stat().st_size
@@ -303,3 +316,35 @@ def test_atomic_checkpoint_io_round_trip_and_refusal(tmp_path):
     assert not sentinel.exists()
     torch.load(evil, weights_only=False)  # the payload is real: loading it unsafely runs it
     assert sentinel.exists()
+
+
+def test_a_checkpoint_cannot_widen_the_trust_list_or_change_the_model_class(tmp_path):
+    from gsv3d_pl.config import parse_config
+
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {
+        "_class_path": "gsv3d_pl.stages.decoder_stage.DecoderStage", "lr": 0.002,
+        "decoder_classes": ["evil.Module"]}}, path)
+    hp = cli.checkpoint_hparams(parse_config(["--config", TINY_DECODER, f"--ckpt_path={path}"], subcommand="test"))
+    assert hp["dict_kwargs"] == {"lr": 0.002}  # merged as Lightning does, without the trust list
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "gsv3d_pl.stages.distill_stage.DistillStage"}},
+               path)
+    with pytest.raises(ValueError, match="config builds"):
+        cli.checkpoint_hparams(parse_config(["--config", TINY_DECODER, f"--ckpt_path={path}"], subcommand="test"))
+
+
+def test_the_app_prunes_only_its_own_old_result_folders(tmp_path):
+    from gsv3d_pl.app import AppRunner
+
+    class Pipe:
+        num_steps = 2
+
+    runner = AppRunner(Pipe(), 64, tmp_path, keep_results_s=60)
+    old, new, user = tmp_path / "chair-0123abcd", tmp_path / "chair-89abcdef", tmp_path / "my-notes"
+    for d in (old, new, user):
+        d.mkdir()
+    for d in (old, user):
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    assert runner.prune_results() == [old]
+    assert not old.exists() and new.exists() and user.exists()
+    assert AppRunner(Pipe(), 64, tmp_path, keep_results_s=None).prune_results() == []

@@ -294,7 +294,10 @@ def _load_lpips_net(backbone_path: Path | None) -> nn.Module:
         torch.manual_seed(0)  # smoke mode keeps the random backbone: make it the same every run
         net = _NoTrainLpips(net="alex", pnet_rand=True)  # LPIPS linear heads load from the wheel
     if backbone_path is not None:
-        sd = torch.load(backbone_path, map_location="cpu", weights_only=True)
+        from gsv3d_pl.checkpoints import read_checkpoint
+
+        sd = read_checkpoint(backbone_path, "lpips_backbone_path", expected="a torchvision AlexNet state dict",
+                             require_state_dict=False)
         target = {}
         for i in range(1, 6):
             for name, _ in getattr(net.net, f"slice{i}").named_parameters():

@@ -127,7 +127,7 @@ def sample_view_subset(batch_size: int, num_views: int, k: int | None, device=No
     if k is None or k >= num_views:
         return None
     if k < 1:
-        raise ValueError(f"views_per_step must be >= 1 or null, got {k}")
+        raise ValueError(f"model.init_args.views_per_step must be >= 1 or null, got {k}")
     return torch.rand(batch_size, num_views, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
 
 

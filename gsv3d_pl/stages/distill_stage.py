@@ -142,9 +142,10 @@ class DistillStage(DistillEvaluation, StageBase):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
         if lambda_3d < 0:
-            raise ValueError(f"lambda_3d must be >= 0, got {lambda_3d}")
+            raise ValueError(f"model.init_args.lambda_3d must be >= 0, got {lambda_3d}")
         if num_input_views is not None and not 1 <= num_input_views <= NUM_FRAMES:
-            raise ValueError(f"num_input_views must be in [1, {NUM_FRAMES}] or null, got {num_input_views}")
+            raise ValueError(f"model.init_args.num_input_views must be in [1, {NUM_FRAMES}] (the orbit's frames) or "
+                             f"null, got {num_input_views}")
         if l2d_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.init_args.l2d_weighting must be one of {LOSS_WEIGHTINGS}, got {l2d_weighting!r}")
         variants = [str(v) for v in test_variants]

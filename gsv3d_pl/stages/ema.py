@@ -25,7 +25,7 @@ class WeightEMA(nn.Module):
     def __init__(self, module: nn.Module, decay: float):
         super().__init__()
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {decay}")
         self.decay = float(decay)
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=False)

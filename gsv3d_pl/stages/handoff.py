@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from gsv3d_pl.checkpoints import read_checkpoint
@@ -29,8 +30,10 @@ __all__ = ["DECODER_CKPT_KEY", "TRUSTED_KEY", "decoder_record", "build_decoder",
 
 DECODER_CKPT_KEY = "model.init_args.decoder_ckpt"
 TRUSTED_KEY = "model.init_args.decoder_classes"
-#: Decoder records naming a class under this package are rebuilt without being listed in the config.
+#: Decoder records naming a class under this package are imported without being listed in the config, and the
+#: class must be defined in the project's models package.
 PROJECT_PACKAGE = "gsv3d_pl."
+PROJECT_MODELS = "gsv3d_pl.models."
 
 
 def decoder_record(decoder: nn.Module) -> dict[str, Any]:
@@ -54,8 +57,9 @@ def resolve_decoder_class(class_path: str, trusted: Iterable[str] = (), source: 
     """The ``nn.Module`` subclass a decoder record names, if the record may name it.
 
     A checkpoint is data: the class it names is imported only when it is one of the project's (``gsv3d_pl.*``) or
-    one the user's own config lists in ``decoder_classes`` (an extension's decoder). Anything else, or anything
-    that is not an ``nn.Module`` subclass (``os.system``, a function), is refused before it is imported or called.
+    one the user's own config lists in ``decoder_classes`` (an extension's decoder). Anything else, anything
+    that is not an ``nn.Module`` subclass (``os.system``, a function), a LightningModule (a stage, which would load
+    further checkpoints), or a project-path name for a class defined elsewhere is refused before it is called.
     """
     class_path = str(class_path)
     trusted = {str(t) for t in trusted}
@@ -69,9 +73,13 @@ def resolve_decoder_class(class_path: str, trusted: Iterable[str] = (), source: 
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"{DECODER_CKPT_KEY}: {source} names decoder class {class_path!r}, which cannot be "
                          f"imported ({type(e).__name__}: {e}); is the package that defines it installed?") from None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, LightningModule):
         raise ValueError(f"{DECODER_CKPT_KEY}: {source} names {class_path!r} as its decoder class, but that is not a "
-                         "torch.nn.Module subclass: refused")
+                         "torch.nn.Module subclass (a network, not a training stage): refused")
+    if class_path not in trusted and not str(cls.__module__).startswith(PROJECT_MODELS):
+        # e.g. a third-party class re-exported by a project module: only the project's own models go unlisted
+        raise ValueError(f"{DECODER_CKPT_KEY}: {source} names {class_path!r}, defined in {cls.__module__}, not in "
+                         f"{PROJECT_MODELS}*: refused. If it is your decoder, add {class_path!r} to {TRUSTED_KEY}.")
     return cls
 
 

@@ -64,10 +64,10 @@ class L3DWeights:
 
     def __post_init__(self):
         if self.depth_loss_on not in DEPTH_MODES:
-            raise ValueError(f"depth_loss_on must be one of {DEPTH_MODES}, got {self.depth_loss_on!r}")
+            raise ValueError(f"model.init_args.depth_loss_on must be one of {DEPTH_MODES}, got {self.depth_loss_on!r}")
         for k in ("lambda_rgb", "lambda_depth", "lambda_lpips", "lambda_alpha"):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+                raise ValueError(f"model.init_args.{k} must be >= 0, got {getattr(self, k)}")
 
 
 def _gaussian_params(g) -> list[Tensor]:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-size", default="10mb",
                    help="largest upload: bytes, or a number with b/kb/mb/gb (1 mb = 1024 kb); larger ones are "
                         "refused by the server")
+    p.add_argument("--keep-results", type=float, default=3600, metavar="SECONDS",
+                   help="delete this app's result folders older than this at each request "
+                        "(a negative value keeps them all)")
     p.add_argument("--queue-size", type=int, default=8,
                    help="most requests waiting at once (they run one at a time); more are turned away")
     p.add_argument("--outputs", default=None,
@@ -179,7 +182,8 @@ def build_runner(args):
             kw["num_input_views"] = int(settings["num_input_views"])
     pipe = ImageTo3D.from_stage(stage, num_steps=args.num_steps, dtype=dtype, device=device, offload=offload, **kw)
     outputs = args.outputs or tempfile.mkdtemp(prefix="gsv3d-app-")
-    return AppRunner(pipe, resolution, outputs, foreground_ratio=args.foreground_ratio,
+    return AppRunner(pipe, resolution, outputs, keep_results_s=None if args.keep_results < 0 else args.keep_results,
+                     foreground_ratio=args.foreground_ratio,
                      turntable_frames=args.turntable_frames, fps=args.fps, render_size=args.render_size,
                      video_format=args.video_format, mesh=mesh, backend=getattr(stage, "render_backend", "auto"),
                      num_steps=args.num_steps)
