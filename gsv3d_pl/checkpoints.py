@@ -114,13 +114,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if weights_only is False or not _is_local(os.fspath(path)):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        path = os.fspath(path).removeprefix("file://")
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointReadError(_refusal(path, "--ckpt_path", "a Lightning checkpoint", e)) from None
+        return read_checkpoint(os.fspath(path).removeprefix("file://"), "--ckpt_path",
+                               map_location=map_location or "cpu", require_state_dict=False)
 
 
 def clean_orphan_temp_files(folders: Iterable[str]) -> list[str]:

@@ -84,20 +84,18 @@ def _checkpoint_dirs(cfg) -> list[str]:
     return dirs
 
 
-def _is_rank_zero() -> bool:
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
 def prepare_run(cfg, subcommand: str, clean: bool = True) -> None:
     """Before anything is built: clean killed checkpoint writes, and check or resolve ``--ckpt_path``.
 
     ``last`` becomes the newest checkpoint of the run's checkpoint folders that loads (a warning for each that
     does not), or None with one line saying the run starts from scratch. Any other path must load.
     """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     from gsv3d_pl.checkpoints import CheckpointReadError, check_checkpoint, clean_orphan_temp_files, resolve_resume
 
     dirs = _checkpoint_dirs(cfg)
-    if clean and subcommand == "fit" and _is_rank_zero():
+    if clean and subcommand == "fit" and rank_zero_only.rank == 0:  # from RANK / SLURM_PROCID / LOCAL_RANK
         root = cfg.trainer.get("default_root_dir")
         for f in clean_orphan_temp_files(dirs + ([str(root)] if root else [])):
             print(f"gsv3d: removed {f}, left by an interrupted checkpoint write", file=sys.stderr)

@@ -30,3 +30,13 @@ def test_operating_point_prints_the_baselines_and_ceilings():
     vals = {k: float(v) for k, v in re.findall(r"(nearest input view|tiny VAE|\d+x\d+ ceiling) ([\d.]+)", row)}
     assert {"nearest input view", "tiny VAE", "4x4 ceiling", "8x8 ceiling", "16x16 ceiling"} <= set(vals), row
     assert vals["4x4 ceiling"] < vals["8x8 ceiling"] < vals["16x16 ceiling"]  # more numbers carry more
+
+
+def test_bench_hardening_prints_its_tables():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_hardening.py"), "--sizes-mb", "1",
+                          "--repeats", "1", "--entries", "5", "--no-preprocess"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = re.search(r"1MB +([\d.]+) +([\d.]+) +([\d.]+)", out.stdout)
+    assert row and all(float(v) > 0 for v in row.groups()), out.stdout
+    assert re.search(r"\.npz index +[\d.]+ µs +\.npy header +[\d.]+ µs", out.stdout), out.stdout
