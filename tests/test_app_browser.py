@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.app_server import free_port, serving
 from tests.images import write_rgba
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
                        reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,36 +59,15 @@ def tiny_model(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model):
-    tmp, port = tiny_model["tmp"], _free_port()
+    tmp, port = tiny_model["tmp"], free_port()
     cmd = [sys.executable, "-m", "gsv3d_pl", "app", *sum((["--config", c] for c in tiny_model["configs"]), []),
            "--ckpt_path", str(tiny_model["ckpt"]), "--host", "127.0.0.1", "--port", str(port),
            "--outputs", str(tmp / "outputs"), "--num_steps", "2", "--turntable_frames", "8", "--render_size", "64",
            "--mesh-resolution", "64", "--mesh-texture-size", "256", "--mesh-bake-size", "128",
            "--mesh-bake-views", "8"]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    log = open(tmp / "app.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"gsv3d app exited with {proc.returncode}:\n{(tmp / 'app.log').read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"gsv3d app did not listen within 60 s:\n{(tmp / 'app.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with serving(cmd, port, tmp / "app.log", ROOT, env, timeout=60):
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from PIL import Image
 from gsv3d_pl.inference import ImageInputError, preprocess_image
 from gsv3d_pl.inference import preprocess as pp
 from gsv3d_pl.tools import predict as predict_tool
+from tests.app_server import free_port, serving
 from tests.images import write_rgb_white, write_rgba
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,12 +299,6 @@ def test_app_launch_is_configured(tmp_path, monkeypatch, capsys):
     assert "without --auth" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listen_addresses(port: int) -> set[str]:
     """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
     found = set()
@@ -335,24 +329,12 @@ def test_app_server_enforces_login_upload_limit_and_file_route(tmp_path):
         "out = Path(sys.argv[1])\nout.mkdir(exist_ok=True)\n"
         "app.build_runner = lambda args: types.SimpleNamespace(default_steps=2, mesh=None, video_format='gif', "
         "outputs=out, pipe=types.SimpleNamespace(device='cpu'))\nsys.exit(app.main(sys.argv[2:]))\n")
-    port = _free_port()
+    port = free_port()
     env = {**_env(), "GRADIO_TEMP_DIR": str(tmp_path / "gradio_tmp")}
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "outputs"), "--config", "c.yaml",
-                             "--port", str(port), "--auth-file", str(users), "--max-file-size", "4kb"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, str(script), str(tmp_path / "outputs"), "--config", "c.yaml", "--port", str(port),
+           "--auth-file", str(users), "--max-file-size", "4kb"]
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
-            try:
-                if httpx.get(base + "/", timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
-            time.sleep(0.5)
+    with serving(cmd, port, tmp_path / "app.log", ROOT, env):
         assert _listen_addresses(port) <= {"0100007F", "00000000000000000000000001000000"}, \
             f"listening beyond the loopback: {_listen_addresses(port)}"
 
@@ -370,10 +352,3 @@ def test_app_server_enforces_login_upload_limit_and_file_route(tmp_path):
             assert big.status_code == 413, big.text
             leak = client.get(base + "/gradio_api/file=/etc/passwd")
             assert leak.status_code in (403, 404) and "root:" not in leak.text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
