@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import pickle
 import re
@@ -28,8 +27,6 @@ from gsv3d_pl.io import atomic_path
 
 __all__ = ["CheckpointReadError", "read_checkpoint", "check_checkpoint", "AtomicCheckpointIO", "resolve_resume",
            "clean_orphan_temp_files", "TEMP_PREFIX"]
-
-log = logging.getLogger(__name__)
 
 #: Prefix of :func:`gsv3d_pl.io.atomic_path`'s temporary files: what a killed write leaves behind.
 TEMP_PREFIX = ".tmp_"
