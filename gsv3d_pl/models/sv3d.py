@@ -430,7 +430,6 @@ class SV3D(nn.Module):
             timestep_spacing="linspace", final_sigmas_type="zero",
         )
 
-    @torch.no_grad()
     def sample(
         self,
         clip_emb: Tensor,
@@ -444,6 +443,8 @@ class SV3D(nn.Module):
         latents: Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        grad_last: int = 0,
+        trace: list | None = None,
     ) -> Tensor:
         """Generate the orbit's scaled latents with Euler EDM and triangle CFG.
 
@@ -453,6 +454,11 @@ class SV3D(nn.Module):
             num_steps, min_cfg, max_cfg: override the constructor's defaults.
             latents: optional [B, F, C, h, w] unit-variance starting noise (scaled by σ_max here).
             progress: show a tqdm bar over the steps.
+            grad_last: K > 0 runs the last K sampler steps with autograd on (DRaFT-K, Clark et al. 2023): the
+                result is differentiable with respect to the UNet's trainable parameters through those K steps
+                only; the state entering them is a constant (the truncation). 0 (default): no graph at all.
+            trace: if a list, each step run with autograd appends ``(x [B, F, C, h, w], sigma [B], D)``: the
+                state it read (a constant), its σ and its guided prediction (for a KL anchor on those steps).
         Returns:
             [B, F, C, h, w] scaled latents (decode with ``VAE.decode``). As in Stability's script, the
             caller may replace the last (input-view) frame with the input image after decoding.
@@ -466,30 +472,47 @@ class SV3D(nn.Module):
         sched.set_timesteps(num_steps or self.num_steps, device=dev)
         sched.set_begin_index(0)  # timesteps above the beta schedule's range repeat; index by position
         sigmas = sched.sigmas.to(dev)  # [S+1], last = 0
+        S = len(sched.timesteps)
+        if not 0 <= grad_last <= S:
+            raise ValueError(f"SV3D.sample: grad_last must be in [0, {S}] (the sampler's steps), got {grad_last}")
         if latents is None:
             gdev = generator.device if generator is not None else dev
             latents = torch.randn(B, F, C, h, w, generator=generator, device=gdev).to(dev)
         x = latents.float() * sigmas[0]  # [B, F, C, h, w]
-
-        scales = triangle_cfg_scales(F, self.min_cfg if min_cfg is None else min_cfg,
-                                     self.max_cfg if max_cfg is None else max_cfg).to(dev)  # [F]
-        use_cfg = bool((scales > 1.0).any())
-        cond_aug = torch.as_tensor(cond_aug, device=dev, dtype=torch.float32).reshape(-1).expand(B)
-        if use_cfg:  # one UNet call on [uncond; cond]
-            c_emb = torch.cat([torch.zeros_like(clip_emb), clip_emb])
-            c_lat = torch.cat([torch.zeros_like(cond_latent), cond_latent])
-            pol, azi, aug = (torch.cat([v, v]) for v in (polars_rad, azimuths_rad, cond_aug))
-        else:
-            c_emb, c_lat, pol, azi, aug = clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug
-
+        guide = self.guidance(clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug, B, F,
+                               self.min_cfg if min_cfg is None else min_cfg,
+                               self.max_cfg if max_cfg is None else max_cfg)
         for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="SV3D sampling")):
-            sched.scale_model_input(x, t)  # bookkeeping only; denoise() applies c_in itself
-            sigma = sigmas[i].expand(B)
-            if use_cfg:
-                D_u, D_c = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), c_emb, c_lat, pol, azi,
-                                        aug).float().chunk(2)
-                D = D_u + scales.view(1, F, 1, 1, 1) * (D_c - D_u)  # [B, F, C, h, w]
-            else:
-                D = self.denoise(x, sigma, c_emb, c_lat, pol, azi, aug).float()
-            x = sched.step(D, t, x).prev_sample.float()
+            with torch.set_grad_enabled(i >= S - grad_last):
+                if i == S - grad_last:
+                    x = x.detach()  # the truncation: nothing before the last K steps is differentiated
+                sched.scale_model_input(x, t)  # bookkeeping only; denoise() applies c_in itself
+                sigma = sigmas[i].expand(B)
+                D = self.guided_denoise(x, sigma, guide)
+                if trace is not None and torch.is_grad_enabled():
+                    trace.append((x.detach(), sigma, D))
+                x = sched.step(D, t, x).prev_sample.float()
         return x
+
+    def guidance(self, clip_emb: Tensor, cond_latent: Tensor, polars_rad: Tensor, azimuths_rad: Tensor,
+                  cond_aug: Tensor | float, B: int, F: int, min_cfg: float, max_cfg: float) -> dict:
+        """The sampler's conditioning: per-frame CFG scales [F] and, with CFG, the [uncond; cond] inputs."""
+        scales = triangle_cfg_scales(F, min_cfg, max_cfg).to(cond_latent.device)  # [F]
+        cond_aug = torch.as_tensor(cond_aug, device=cond_latent.device, dtype=torch.float32).reshape(-1).expand(B)
+        use_cfg = bool((scales > 1.0).any())
+        if use_cfg:  # one UNet call on [uncond; cond]
+            return {"scales": scales, "cfg": True, "clip": torch.cat([torch.zeros_like(clip_emb), clip_emb]),
+                    "lat": torch.cat([torch.zeros_like(cond_latent), cond_latent]),
+                    "pol": torch.cat([polars_rad, polars_rad]), "azi": torch.cat([azimuths_rad, azimuths_rad]),
+                    "aug": torch.cat([cond_aug, cond_aug])}
+        return {"scales": scales, "cfg": False, "clip": clip_emb, "lat": cond_latent, "pol": polars_rad,
+                "azi": azimuths_rad, "aug": cond_aug}
+
+    def guided_denoise(self, x: Tensor, sigma: Tensor, guide: dict) -> Tensor:
+        """D(x; σ) with SV3D's triangle CFG (``guide`` from :meth:`guidance`): x [B, F, C, h, w] -> [B, F, C, h, w]."""
+        if not guide["cfg"]:
+            return self.denoise(x, sigma, guide["clip"], guide["lat"], guide["pol"], guide["azi"], guide["aug"]).float()
+        F = x.shape[1]
+        D_u, D_c = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), guide["clip"], guide["lat"], guide["pol"],
+                                guide["azi"], guide["aug"]).float().chunk(2)
+        return D_u + guide["scales"].view(1, F, 1, 1, 1) * (D_c - D_u)  # [B, F, C, h, w]

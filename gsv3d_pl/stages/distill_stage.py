@@ -4,7 +4,12 @@ Per object: z_gt = VAE latents of the 21 orbit frames; σ ~ exp(N(p_mean, p_std)
 denoiser prediction of the clean latents; ``L_2D = mean(λ(σ)·(D − z_gt)²)`` with λ = 1 (the paper's plain
 diffusion loss, ``l2d_weighting: none``) or EDM's (σ²+1)/σ² (``edm``). N frames of D go through the frozen
 decoder (with DINO tokens of the input view R) to Gaussians, rendered at all Q views: ``L_3D`` as in stage 1.
-``L_distill = L_2D + λ_3D · L_3D``. L_3D leaves out the objects whose conditioning was dropped for
+``L_distill = λ_2D · L_2D + λ_3D · L_3D [+ λ_KL · KL]``. The paper leaves the recipe underdetermined; its unknowns are
+keys (:mod:`gsv3d_pl.stages.distill_terms`): ``l3d_mode`` ``one_step`` (the paper's wording: L_3D renders D at a
+training σ, optionally drawn from its own distribution, weighted by min-SNR-γ, applied with a probability) or
+``sampler`` (DRaFT-K: L_3D renders an orbit sampled from noise with the LoRA on, backpropagated through the last K
+of S sampler steps; L_2D or a KL to the base model anchors it). Every ``diagnostics_every`` steps the norm of each
+term's gradient on the LoRA is logged (:mod:`gsv3d_pl.stages.distill_diagnostics`). L_3D (one-step) leaves out the objects whose conditioning was dropped for
 classifier-free guidance (``mask_l3d_cfg_dropped``: D of an unconditioned sample is not a reconstruction of
 *this* image's object, so its 3D target says nothing) and, optionally, those whose σ is above ``sigma_3d_max``
 (at large σ, D is a blurry mean and its 3D reconstruction carries little signal). The frozen decoder is
@@ -33,7 +38,7 @@ from gsv3d_pl.metrics.results import TEST_VARIANTS
 from gsv3d_pl.models import SV3D, VAE, CLIPImageEmbedder, DINOEncoder
 from gsv3d_pl.models.frozen import fingerprint, freeze
 from gsv3d_pl.models.sv3d import LOSS_WEIGHTINGS
-from gsv3d_pl.orbit import NUM_FRAMES
+from gsv3d_pl.orbit import INPUT_FRAME, NUM_FRAMES
 from gsv3d_pl.stages.common import (
     StageBase,
     check_dino,
@@ -43,7 +48,9 @@ from gsv3d_pl.stages.common import (
     sample_view_subset,
     sv3d_conditioning,
 )
+from gsv3d_pl.stages.distill_diagnostics import term_grad_norms, write_diagnostics
 from gsv3d_pl.stages.distill_eval import DistillEvaluation
+from gsv3d_pl.stages.distill_terms import L3D_MODES, kl_anchor, min_snr_weight, one_step_prediction, sampler_orbit
 from gsv3d_pl.stages.handoff import DECODER_CKPT_KEY, load_decoder
 from gsv3d_pl.stages.losses import L3DWeights, render_loss
 from gsv3d_pl.weights import WeightSpec
@@ -69,6 +76,21 @@ class DistillStage(DistillEvaluation, StageBase):
         num_input_views: frames of D fed to the decoder. None = the datamodule's ``input_indices`` (N random
             orbit frames per object); an int = that many distinct random orbit frames per object and step.
         lambda_3d: weight of L_3D; lambda_rgb, lambda_depth, depth_loss_on: L_3D as in stage 1.
+        lambda_2d: weight of L_2D (0 = no L_2D; in ``sampler`` mode it is the anchor that keeps the LoRA a denoiser).
+        l3d_mode: ``one_step`` (L_3D on the denoiser's one-step prediction D at a training σ: the paper's wording)
+            or ``sampler`` (L_3D on an orbit sampled with the LoRA on, DRaFT-K through ``sampler_steps`` /
+            ``sampler_grad_steps``).
+        l3d_p_mean, l3d_p_std: ``one_step``: σ of L_3D's prediction ~ exp(N(l3d_p_mean, l3d_p_std)), drawn apart
+            from L_2D's (one more UNet pass); None (both) = L_3D renders L_2D's own D (the paper-literal reading).
+        l3d_min_snr_gamma: ``one_step``: weight each object's L_3D by min(1/σ², γ) (DiffSplat, γ = 1); None = 1.
+        l3d_prob: the probability that a training step applies L_3D at all (DiffSplat applies its rendering loss
+            with a probability); 1 = every step.
+        sampler_steps, sampler_grad_steps: ``sampler``: S Euler steps from noise (SV3D's sampler and CFG; use the
+            evaluation's ``val_sample_steps``), gradients through the last K only. K = 1 is weak on the Karras
+            schedule (its σ is σ_min, where D ≈ x); K ≥ 2 is the sensible minimum.
+        lambda_kl: ``sampler``: weight of the KL anchor, mean ||D_LoRA − D_base||² on the differentiated steps.
+        diagnostics_every: every this many training steps, log each term's gradient norm on the LoRA (one extra
+            backward per term); 0 = never. The end of fit writes ``distill_diagnostics.json`` / ``.png``.
         sigma_3d_max: apply L_3D only to objects with σ ≤ this (None = always).
         l2d_weighting: λ(σ) of L_2D: "none" (the paper's plain MSE between D and z_gt) or "edm" ((σ²+1)/σ², the
             weighting of SVD/SV3D fine-tunes, which up-weights small σ).
@@ -114,6 +136,16 @@ class DistillStage(DistillEvaluation, StageBase):
         lora_dropout: float = 0.0,
         num_input_views: int | None = None,
         lambda_3d: float = 1.0,
+        lambda_2d: float = 1.0,
+        l3d_mode: str = "one_step",
+        l3d_p_mean: float | None = None,
+        l3d_p_std: float | None = None,
+        l3d_min_snr_gamma: float | None = None,
+        l3d_prob: float = 1.0,
+        sampler_steps: int = 10,
+        sampler_grad_steps: int = 2,
+        lambda_kl: float = 0.0,
+        diagnostics_every: int = 5,
         lambda_rgb: float = 1.0,
         lambda_depth: float = 1.0,
         depth_loss_on: str = "all",
@@ -141,8 +173,22 @@ class DistillStage(DistillEvaluation, StageBase):
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, background, render_chunk_views,
                          render_backend)
-        if lambda_3d < 0:
-            raise ValueError(f"model.init_args.lambda_3d must be >= 0, got {lambda_3d}")
+        for key, val in (("lambda_3d", lambda_3d), ("lambda_2d", lambda_2d), ("lambda_kl", lambda_kl),
+                         ("diagnostics_every", diagnostics_every)):
+            if val < 0:
+                raise ValueError(f"model.init_args.{key} must be >= 0, got {val}")
+        if l3d_mode not in L3D_MODES:
+            raise ValueError(f"model.init_args.l3d_mode must be one of {L3D_MODES}, got {l3d_mode!r}")
+        if not 0.0 <= l3d_prob <= 1.0:
+            raise ValueError(f"model.init_args.l3d_prob must be in [0, 1], got {l3d_prob}")
+        if (l3d_p_mean is None) != (l3d_p_std is None) or (l3d_p_std is not None and l3d_p_std < 0):
+            raise ValueError("model.init_args.l3d_p_mean and l3d_p_std are set together (l3d_p_std >= 0) or both "
+                             f"null (L_3D renders L_2D's prediction), got {l3d_p_mean} and {l3d_p_std}")
+        if l3d_min_snr_gamma is not None and l3d_min_snr_gamma <= 0:
+            raise ValueError(f"model.init_args.l3d_min_snr_gamma must be > 0 or null, got {l3d_min_snr_gamma}")
+        if not 1 <= sampler_grad_steps <= sampler_steps:
+            raise ValueError(f"model.init_args.sampler_grad_steps must be in [1, sampler_steps={sampler_steps}], "
+                             f"got {sampler_grad_steps}")
         if num_input_views is not None and not 1 <= num_input_views <= NUM_FRAMES:
             raise ValueError(f"model.init_args.num_input_views must be in [1, {NUM_FRAMES}] (the orbit's frames) or "
                              f"null, got {num_input_views}")
@@ -185,7 +231,14 @@ class DistillStage(DistillEvaluation, StageBase):
                        f"parameters in {len(trainable)} tensors; everything else frozen")
 
         self.loss_weights = L3DWeights(lambda_rgb, lambda_depth, 0.0, depth_loss_on)
-        self.lambda_3d = float(lambda_3d)
+        self.lambda_3d, self.lambda_2d, self.lambda_kl = float(lambda_3d), float(lambda_2d), float(lambda_kl)
+        self.l3d_mode = l3d_mode
+        self.l3d_sigma = None if l3d_p_mean is None else (float(l3d_p_mean), float(l3d_p_std))
+        self.l3d_min_snr_gamma = l3d_min_snr_gamma
+        self.l3d_prob = float(l3d_prob)
+        self.sampler_steps, self.sampler_grad_steps = int(sampler_steps), int(sampler_grad_steps)
+        self.diagnostics_every = int(diagnostics_every)
+        self._diag_rows: list[dict] = []
         self.sigma_3d_max = sigma_3d_max
         self.num_input_views = num_input_views
         self.cond_aug = float(cond_aug)
@@ -287,49 +340,91 @@ class DistillStage(DistillEvaluation, StageBase):
 
     # ---- training -------------------------------------------------------------------------------------------
     def distill_losses(self, batch: MultiViewBatch, generator: torch.Generator | None = None,
-                       use_2d: bool = True, c: dict | None = None,
-                       keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                       use_2d: bool = True, c: dict | None = None, keep: Tensor | None = None,
+                       parts: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(L_distill, terms). ``use_2d=False`` leaves L_2D out of the returned loss (for gradient tests); ``c``:
         the batch's :meth:`conditioning` if already computed; ``keep``: [B] CFG mask (1 = conditioned) instead of
-        drawing one with ``sv3d.cfg_dropout`` (tests)."""
-        z_gt = self.orbit_latents(batch)  # [B, 21, 4, h, w]
+        drawing one with ``sv3d.cfg_dropout`` (tests); ``parts``: if a dict, filled with the weighted terms with
+        their graphs (``l2d``, ``l3d``, ``kl``) and the σ each saw (``sigma_2d``, ``sigma_3d``), for diagnostics."""
+        z_gt = self.orbit_latents(batch)  # [B, 21, C, h, w]
         c = self.conditioning(batch) if c is None else c
         B = z_gt.shape[0]
+        dev = z_gt.device
         if keep is None:  # drawn here, not inside training_loss, so that L_3D knows which samples were dropped
-            keep = self.sv3d.cfg_keep_mask(B, z_gt.device, generator)  # [B], all ones in eval mode
-        keep = keep.to(z_gt.device).float()
+            keep = self.sv3d.cfg_keep_mask(B, dev, generator)  # [B], all ones in eval mode
+        keep = keep.to(dev).float()
         with self.autocast():
             l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
                                                     c["azimuths"], c["cond_aug"], generator=generator,
                                                     weighting=self.l2d_weighting, keep=keep)
         terms: dict[str, Tensor] = {"l2d": l2d.detach(), "cfg_dropped": 1.0 - keep.mean()}
-        loss = l2d if use_2d else torch.zeros((), device=z_gt.device)
-        mask = torch.ones(B, device=z_gt.device)  # [B]
-        if self.sigma_3d_max is not None:
-            mask = (sigma <= self.sigma_3d_max).float()
-        if self.mask_l3d_cfg_dropped:
-            mask = mask * keep
-        terms["l3d_fraction"] = mask.mean()
-        if self.lambda_3d > 0 and mask.any():
-            gaussians = self.decode_frames(D.float(), self.pick_frames(batch), batch, c["dino"])
-            Q = batch["target_images"].shape[1]
-            sub = sample_view_subset(B, Q, self.views_per_step if self.training else None, z_gt.device)
-            tg = [batch[k].float() for k in ("target_c2w", "target_K", "target_images", "target_alphas",
-                                             "target_depths")]
-            if sub is not None:
-                tg = [gather_views(t, sub) for t in tg]
-            l3d, t3 = render_loss(
-                gaussians, *tg, self.loss_weights, object_weights=mask, background=self.background, backend=self.render_backend,
-                chunk=self.render_chunk_views,
-            )
+        zero = torch.zeros((), device=dev)
+        loss = self.lambda_2d * l2d if use_2d else zero
+        info = {"l2d": self.lambda_2d * l2d if use_2d else zero, "l3d": zero, "kl": zero,
+                "sigma_2d": float(sigma.float().log().mean().exp())}
+        apply_3d = self.lambda_3d > 0 and (not self.training or self.l3d_prob >= 1.0 or
+                                           float(torch.rand((), generator=generator)) < self.l3d_prob)
+        if apply_3d and self.l3d_mode == "sampler":
+            trace: list = []
+            lat, sigma3 = sampler_orbit(self.sv3d, c, self.sampler_steps, self.sampler_grad_steps, generator,
+                                        trace if self.lambda_kl > 0 else None)  # [B, 21, C, h, w]
+            if self.replace_input_frame:  # the evaluation's pipeline: frame 20 is the input image's latent
+                lat = torch.cat([lat[:, :INPUT_FRAME], self.vae.encode(batch["cond_image"].float()).float()[:, None],
+                                 lat[:, INPUT_FRAME + 1:]], dim=1)
+            mask = torch.ones(B, device=dev)  # [B] the sampler conditions every object (no CFG dropout)
+            l3d = self._l3d(batch, lat, c, mask, terms)
             loss = loss + self.lambda_3d * l3d
-            terms.update({k: v.mean() for k, v in t3.items()})  # rgb, depth, any new term of L_3D
-            terms["l3d"] = l3d.detach()
+            info.update(l3d=self.lambda_3d * l3d, sigma_3d=float(sigma3))
+            if self.lambda_kl > 0:
+                kl = kl_anchor(self.sv3d, c, trace)
+                loss = loss + self.lambda_kl * kl
+                terms["kl"] = kl.detach()
+                info["kl"] = self.lambda_kl * kl
+        elif apply_3d:
+            mask = torch.ones(B, device=dev)  # [B]
+            if self.l3d_sigma is not None:  # L_3D's own σ draw and one more denoiser pass
+                p_mean, p_std = self.l3d_sigma
+                gdev = generator.device if generator is not None else dev
+                sigma = (p_mean + p_std * torch.randn(B, generator=generator, device=gdev)).exp().to(dev)  # [B]
+                with self.autocast():
+                    D = one_step_prediction(self.sv3d, z_gt, c, keep, sigma, generator)
+            if self.sigma_3d_max is not None:
+                mask = (sigma <= self.sigma_3d_max).float()
+            if self.mask_l3d_cfg_dropped:
+                mask = mask * keep
+            if self.l3d_min_snr_gamma is not None:
+                mask = mask * min_snr_weight(sigma, self.l3d_min_snr_gamma).to(dev)
+            terms["l3d_fraction"] = (mask > 0).float().mean()
+            if mask.any():
+                l3d = self._l3d(batch, D.float(), c, mask, terms)
+                loss = loss + self.lambda_3d * l3d
+                info.update(l3d=self.lambda_3d * l3d, sigma_3d=float(sigma.float().log().mean().exp()))
+        terms.setdefault("l3d_fraction", torch.tensor(float(apply_3d), device=dev))
         terms["loss"] = loss.detach()
+        if parts is not None:
+            parts.update(info)
         return loss, terms
 
+    def _l3d(self, batch: MultiViewBatch, latents: Tensor, c: dict, mask: Tensor, terms: dict) -> Tensor:
+        """L_3D of orbit latents [B, 21, C, h, w]: the decoder on the picked frames, rendered at the (subset of)
+        target views against the ground truth, objects weighted by ``mask`` [B]. Adds its parts to ``terms``."""
+        B = latents.shape[0]
+        gaussians = self.decode_frames(latents, self.pick_frames(batch), batch, c["dino"])
+        Q = batch["target_images"].shape[1]
+        sub = sample_view_subset(B, Q, self.views_per_step if self.training else None, latents.device)
+        tg = [batch[k].float() for k in ("target_c2w", "target_K", "target_images", "target_alphas", "target_depths")]
+        if sub is not None:
+            tg = [gather_views(t, sub) for t in tg]
+        l3d, t3 = render_loss(gaussians, *tg, self.loss_weights, object_weights=mask, background=self.background,
+                              backend=self.render_backend, chunk=self.render_chunk_views)
+        terms.update({k: v.mean() for k, v in t3.items()})  # rgb, depth, any new term of L_3D
+        terms["l3d"] = l3d.detach()
+        return l3d
+
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
-        loss, terms = self.distill_losses(batch)
+        diag = self.diagnostics_every > 0 and self.global_step % self.diagnostics_every == 0
+        parts: dict | None = {} if diag else None
+        loss, terms = self.distill_losses(batch, parts=parts)
         self._check_loss(terms)
         B = batch["target_images"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=B)
@@ -337,7 +432,20 @@ class DistillStage(DistillEvaluation, StageBase):
             if k != "loss":
                 self.log(f"train/{k}", v, batch_size=B, prog_bar=k in ("l2d", "l3d"))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
+        if diag:
+            self._log_diagnostics(parts, B)
         return loss
+
+    def _log_diagnostics(self, parts: dict, batch_size: int) -> None:
+        """Each weighted term's gradient norm on the LoRA (and the σ it saw) into metrics.csv and the run's record."""
+        norms = term_grad_norms({k: parts[k] for k in ("l2d", "l3d", "kl")}, [p for _, p in self.trainable_parameters()])
+        row = {"step": int(self.global_step), "sigma_2d": parts["sigma_2d"], "sigma_3d": parts.get("sigma_3d"),
+               **{f"grad_{k}": v for k, v in norms.items()}}
+        row["grad_ratio_3d_2d"] = norms["l3d"] / norms["l2d"] if norms["l2d"] > 0 else None
+        self._diag_rows.append(row)
+        for k, v in row.items():
+            if k != "step" and v is not None:
+                self.log(f"diag/{k}", float(v), batch_size=batch_size, on_step=True, on_epoch=False)
 
     # ---- export ---------------------------------------------------------------------------------------------
     def export_lora(self, out_dir: str | os.PathLike) -> str:
@@ -355,6 +463,11 @@ class DistillStage(DistillEvaluation, StageBase):
         if self.trainer.global_rank != 0 or getattr(self.trainer, "interrupted", False):
             return
         path = self.export_lora(os.path.join(self._root_dir(), "lora"))
+        if self._diag_rows:
+            summ = write_diagnostics(self._diag_rows, self._root_dir())
+            print(f"[distill] gradient diagnostics ({summ['num_rows']} steps; median |grad L_3D| / |grad L_2D| = "
+                  f"{summ['grad_ratio_3d_2d_median']}) written to {self._root_dir()}/distill_diagnostics.json/.png",
+                  flush=True)
         print(f"[distill] LoRA adapter ({self.num_lora_params:,} parameters) exported to {path}", flush=True)
         dm = getattr(self.trainer, "datamodule", None)
         if self.heldout_e2e and dm is not None and hasattr(dm, "test_dataloader"):
