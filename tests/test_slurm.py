@@ -194,6 +194,7 @@ def test_chain_aftercorr_and_requeue(cluster, tmp_path):
     env = {**cluster, "PYTHONPATH": os.pathsep.join([str(standin_dir), str(REPO)])}
     sweep_file = write_sweep_file(tmp_path / "chain.yaml", f"""
         name: chain
+        dedupe: false             # both rows train their (identical) decoder: task k of distill after task k
         stages:
           - name: decoder
             base: {base}
@@ -250,6 +251,73 @@ def test_chain_aftercorr_and_requeue(cluster, tmp_path):
         assert "(restart 1)" in "\n".join(p.read_text() for p in (out / "slurm").glob(f"{stage}_*_0.out"))
 
 
+def test_chain_shared_decoder_on_slurm(cluster, tmp_path):
+    """w/o RGB changes only stage 2, so its decoder is Full's (identical resolved config): it is left out of the
+    decoder array, and w/o RGB's distill is its own array job with --dependency=afterok:<decoder job>_<Full's task>.
+    SIGUSR1 requeues Full's decoder while both distill tasks wait: neither is cancelled, both start after it
+    completed (after the requeue) and read its final checkpoint; the report names the shared stage."""
+    dec_steps = 12
+    standin_dir = tmp_path / "standin"
+    base = make_standin(standin_dir, max_steps=20, step_sleep=0.7)
+    (standin_dir / "chain_stage2.py").write_text(CHAIN_STAGE2_SRC)
+    stage2 = standin_dir / "stage2.yaml"
+    stage2.write_text(base.read_text().replace("sweep_standin.Counter", "chain_stage2.Stage2"))
+    env = {**cluster, "PYTHONPATH": os.pathsep.join([str(standin_dir), str(REPO)])}
+    sweep_file = write_sweep_file(tmp_path / "shared.yaml", f"""
+        name: shared
+        stages:
+          - name: decoder
+            base: {base}
+            overrides: {{trainer.max_steps: {dec_steps}}}
+            test: false
+          - name: distill
+            base: {stage2}
+            overrides:
+              model.init_args.decoder_ckpt: "{{run_dir}}/decoder/checkpoints/last.ckpt"
+              trainer.max_steps: 3
+              model.init_args.step_sleep: 0.0
+        runs:
+          - name: no_rgb
+            overlays: {{distill: [{REPO}/configs/ablations/distill_no_rgb.yaml]}}
+          - name: full
+            overlays: {{decoder: [{REPO}/configs/ablations/full.yaml]}}
+        slurm: {{partition: debug, cpus_per_task: 1, time: "00:20:00"}}
+        """)
+    out = tmp_path / "shared"
+    proc = subprocess.run([str(BIN / "gsv3d"), "sweep", str(sweep_file), "--submit", "--out", str(out)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "no_rgb/decoder = full/decoder (identical resolved config; seed 0)" in proc.stderr
+    jobs = proc.stdout.split()
+    assert len(jobs) == 3 and all(j.isdigit() for j in jobs), proc.stdout  # decoder [1]; distill [1]; distill [0]
+    dec_job, full_dis, rgb_dis = jobs
+    assert f"Dependency=afterok:{dec_job}_1" in _sh(["scontrol", "show", "job", rgb_dis], env)
+    assert f"Dependency=aftercorr:{dec_job}" in _sh(["scontrol", "show", "job", full_dis], env)
+
+    full = out / "full" / "seed0"
+    _wait_lines(full / "decoder" / "steps.log", 3, 300, out / "slurm")
+    _sh(["scancel", "--signal=USR1", f"{dec_job}_1"], env)  # requeue the shared decoder: its dependents wait
+    for job in jobs:
+        _wait_job(job, env, 600, out / "slurm")
+
+    proc = subprocess.run([str(BIN / "gsv3d"), "report", str(out), "--strict"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    logs = "\n".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert "w/o RGB loss/decoder = Full Model/decoder (identical resolved config; seed 0)" in proc.stdout
+    comp = {(r["ArrayJobId"], r.get("ArrayTaskId")): r for r in _jobcomp(env) if r.get("ArrayJobId") in jobs}
+    up = comp[(dec_job, "1")]  # the last record: after the requeue
+    assert (dec_job, "0") not in comp  # w/o RGB's decoder never ran
+    for down in (comp[(full_dis, "1")], comp[(rgb_dis, "0")]):
+        assert up["JobState"] == down["JobState"] == "COMPLETED"
+        assert down["StartTime"] >= up["EndTime"], (up, down)
+    assert (full / "decoder" / "hpc_ckpt_1.ckpt").is_file()  # the requeue happened
+    assert not (out / "no_rgb" / "seed0" / "decoder").exists()
+    for run in ("no_rgb", "full"):
+        metrics = json.loads((out / run / "seed0" / "distill" / "metrics.json").read_text())
+        assert metrics["meta"]["upstream_w"] == float(dec_steps)  # Full's final decoder, after the requeue
+
+
 @pytest.mark.slow
 def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
     """configs/sweeps/ablations_tiny.yaml cut to 2 rows (w/o RGB loss, Full) and fewer steps, submitted to the
@@ -261,6 +329,7 @@ def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
 
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "ablations_tiny.yaml").read_text())
     sweep["runs"] = [r for r in sweep["runs"] if r["name"] in ("no_rgb", "full")]
+    sweep["dedupe"] = False  # row 0 trains its own decoder (Full's, identical): the one SIGUSR1 reaches below
     steps = {"decoder": 80, "distill": 6}  # ~0.3 s decoder steps: a window of ~20 s for the signal
     for stage in sweep["stages"]:
         stage["overrides"].update({"trainer.max_steps": steps[stage["name"]],

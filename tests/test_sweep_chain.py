@@ -243,9 +243,10 @@ def test_dry_run_prints_stages_and_dependencies(bases, tmp_path, capsys):
         assert 'STAGE_DIR="$RUN_DIR"/' + stage in script and 'touch "$STAGE_DIR/fit.done"' in script
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "test.done" not in dec and 'touch "$STAGE_DIR/test.done"' in dis  # only the result stage tests
-    assert 'if [[ ! -e "$RUN_DIR"/decoder/fit.done ]]' in dis  # a distill task refuses to start before its decoder
+    assert 'if [[ ! -e "$PREV_DIR"/fit.done ]]' in dis  # a distill task refuses to start before its decoder
+    assert f"PREV_DIR={out.resolve() / 'n4' / 'seed1' / 'decoder'}" in dis  # (--no-validate: nothing is shared)
     submit_sh = (out / "submit.sh").read_text()
-    assert f"--dependency=aftercorr:$JOB_decoder {out / 'distill.sbatch'}" in submit_sh
+    assert f"--dependency=aftercorr:${{JOB_decoder}} {out / 'distill.sbatch'}" in submit_sh
     assert subprocess.run(["bash", "-n", str(out / "submit.sh")]).returncode == 0
     manifest = json.loads((out / "sweep.json").read_text())
     assert [(s["name"], s["depends_on"], s["dependency"]) for s in manifest["stages"]] == [
@@ -267,10 +268,14 @@ echo "$((100 + n));cluster"
     f = chain_file(tmp_path, *bases)
     out = tmp_path / "o"
     assert sweep_tool.main([str(f), "--submit", "--out", str(out)]) == 0  # validates every run x stage too
-    assert capsys.readouterr().out.split() == ["101", "102"]
+    assert capsys.readouterr().out.split() == ["101", "102", "103", "104"]
     calls = [ln.split() for ln in log.read_text().splitlines()]
+    # no_rgb changes only the distill stage: its decoders (tasks 0, 1) are full's (tasks 6, 7), trained once; its
+    # distill tasks wait for those (tests/test_sweep_dedupe.py has the rest)
     assert calls == [["--parsable", str(out / "decoder.sbatch")],
-                     ["--parsable", "--dependency=aftercorr:101", str(out / "distill.sbatch")]]
+                     ["--parsable", "--array=2-7%3", "--dependency=aftercorr:101", str(out / "distill.sbatch")],
+                     ["--parsable", "--array=0%1", "--dependency=afterok:101_6", str(out / "distill.sbatch")],
+                     ["--parsable", "--array=1%1", "--dependency=afterok:101_7", str(out / "distill.sbatch")]]
     log.unlink()
     monkeypatch.setenv("FAIL_AT", "2")
     assert sweep_tool.main([str(f), "--submit", "--no-validate", "--out", str(out)]) == 1

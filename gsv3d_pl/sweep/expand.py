@@ -5,7 +5,8 @@ Each task (one run × one seed, of one stage) trains with ``gsv3d fit --config b
 --k=v... --seed_everything=<seed> --trainer.default_root_dir=<stage folder> --trainer.devices=<ntasks per node>
 --trainer.num_nodes=<nodes>``; ``gsv3d test`` gets the same arguments. The run folder ``<out>/<run>/seed<k>``
 is absolute and the same on every requeue and every regeneration of the script; a single-stage sweep trains in
-it, a chained sweep's stage ``s`` in ``<run folder>/<s>``.
+it, a chained sweep's stage ``s`` in ``<run folder>/<s>``. Given an ``identify`` function, tasks of a stage with
+identical resolved configs train once and later stages read the shared folder (:mod:`gsv3d_pl.sweep.dedupe`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gsv3d_pl.config import ConfigError, config_args, parse_config
+from gsv3d_pl.sweep.dedupe import share_identical
 from gsv3d_pl.sweep.spec import RunSpec, StageSpec, Sweep, SweepError, substitute
 
 __all__ = ["Task", "expand_tasks", "reroot_key", "validate_configs"]
@@ -27,8 +30,13 @@ __all__ = ["Task", "expand_tasks", "reroot_key", "validate_configs"]
 class Task:
     """One array task = one run × one seed of one stage. ``args`` follow ``gsv3d fit`` / ``gsv3d test`` (shared
     by both). ``index`` is the task's index in its stage's array: the same (run, seed) has the same index in every
-    stage, which is what ``--dependency=aftercorr`` pairs. ``stage_dir`` is where the stage trains (= ``run_dir``
-    in a single-stage sweep, whose one stage is named ``""``)."""
+    stage, which is what ``--dependency=aftercorr`` pairs. ``stage_dir`` is where the stage's outputs are (= ``run_dir``
+    in a single-stage sweep, whose one stage is named ``""``).
+
+    Identical stages (:mod:`gsv3d_pl.sweep.dedupe`): ``identity`` is the hash of the resolved config (None: not
+    computed); a task with ``same_as`` (the index of the task of this stage that trains the identical config, of run
+    ``same_as_run``) does not train, and its ``stage_dir`` is that task's folder. ``prev_dir``: the folder of the
+    previous stage this task reads (the shared one where that stage is shared; None for the first stage)."""
 
     index: int
     run: str
@@ -37,10 +45,19 @@ class Task:
     args: tuple[str, ...]
     stage: str = ""
     stage_dir: Path | None = None
+    prev_dir: Path | None = None
+    identity: str | None = None
+    same_as: int | None = None
+    same_as_run: str | None = None
 
     def __post_init__(self) -> None:
         if self.stage_dir is None:
             object.__setattr__(self, "stage_dir", self.run_dir)
+
+    @property
+    def shared(self) -> bool:
+        """True: another task of this stage trains this identical config; this one does not train."""
+        return self.same_as is not None
 
 
 def _render_value(value: Any) -> str:
@@ -67,12 +84,14 @@ def _overrides(sweep: Sweep, stage: StageSpec, run: RunSpec) -> dict[str, Any]:
     return {**sweep.overrides, **stage.overrides, **run.overrides_for(stage.name)}
 
 
-def _run_args(sweep: Sweep, stage: StageSpec, run: RunSpec, run_dir: Path | None = None) -> list[str]:
+def _run_args(sweep: Sweep, stage: StageSpec, run: RunSpec, run_dir: Path | None = None,
+              stage_dirs: dict[str, Path] | None = None) -> list[str]:
     """``--config`` for the base and the run's overlays, then the overrides, placeholders replaced for the task
-    in ``run_dir`` (left as they are without one: only for reading the composed config's own paths)."""
+    in ``run_dir`` (left as they are without one: only for reading the composed config's own paths);
+    ``stage_dirs``: where the task reads earlier stages from (see :func:`~gsv3d_pl.sweep.spec.substitute`)."""
     overrides = _overrides(sweep, stage, run)
     if run_dir is not None:
-        overrides = substitute(overrides, run_dir, stage.folder(run_dir))
+        overrides = substitute(overrides, run_dir, stage.folder(run_dir), stage_dirs)
     return config_args(_config_files(stage, run), _override_args(overrides))
 
 
@@ -97,7 +116,7 @@ def _stages(sweep: Sweep, stage: str | None) -> tuple[StageSpec, ...]:
 
 def expand_tasks(
     sweep: Sweep, out_dir: str | os.PathLike, rerooted: dict[str, dict[str, str]] | None = None,
-    stage: str | None = None,
+    stage: str | None = None, identify: Callable[[Task], str] | None = None,
 ) -> list[Task]:
     """Runs × seeds, run-major, for one stage (``stage``) or every stage one after another (None; a single-stage
     sweep has one). Task i of a stage trains in ``<out_dir>/<run>/seed<k>`` (absolute; a chained sweep's stage in
@@ -106,26 +125,43 @@ def expand_tasks(
     Args:
         rerooted: per :func:`reroot_key`, extra overrides from :func:`validate_configs` that move paths the config
             derived from its own ``default_root_dir`` (checkpoint dirpath, logger save_dir) into the task's folder.
+        identify: task -> identity of its resolved config (:func:`gsv3d_pl.sweep.dedupe.config_identity`): with
+            it (and ``sweep.dedupe``), tasks of a stage with equal identities train once
+            (:func:`~gsv3d_pl.sweep.dedupe.share_identical`) and later stages read the shared folders. None: every
+            task trains in its own folders.
     """
     out_dir = Path(out_dir).resolve()
-    tasks = []
-    for st in _stages(sweep, stage):
+    identify = identify if sweep.dedupe else None
+    tasks: list[Task] = []
+    read_from: dict[tuple[str, str, int], Path] = {}  # (stage, run, seed) -> the folder its outputs are in
+    wanted = _stages(sweep, stage)
+    last = max(sweep.stages.index(s) for s in wanted)
+    for i, st in enumerate(sweep.stages[:last + 1]):
+        stage_tasks = []
         index = 0
         for run in sweep.runs:
             for seed in sweep.seeds:
                 run_dir = out_dir / run.name / f"seed{seed}"
                 stage_dir = st.folder(run_dir)
+                earlier = {s.name: read_from[(s.name, run.name, seed)] for s in sweep.stages[:i]}
                 fixes = (rerooted or {}).get(reroot_key(st.name, run.name), {})
                 args = [
-                    *_run_args(sweep, st, run, run_dir),
+                    *_run_args(sweep, st, run, run_dir, earlier),
                     *(f"--{k}={v.replace(_RUN_DIR, str(stage_dir))}" for k, v in fixes.items()),
                     f"--seed_everything={seed}",
                     f"--trainer.default_root_dir={stage_dir}",
                     f"--trainer.devices={st.slurm.ntasks_per_node}",
                     f"--trainer.num_nodes={st.slurm.nodes}",
                 ]
-                tasks.append(Task(index, run.name, seed, run_dir, tuple(args), st.name, stage_dir))
+                prev = earlier[sweep.stages[i - 1].name] if i else None
+                stage_tasks.append(Task(index, run.name, seed, run_dir, tuple(args), st.name, stage_dir, prev))
                 index += 1
+        if identify is not None:
+            stage_tasks = share_identical(stage_tasks, identify)
+        for t in stage_tasks:
+            read_from[(st.name, t.run, t.seed)] = t.stage_dir
+        if st in wanted:
+            tasks += stage_tasks
     return tasks
 
 

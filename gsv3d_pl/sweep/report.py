@@ -9,7 +9,9 @@ is printed as ``<label> (paper)``. Under the table, each row is compared with th
 ``metrics_per_object.csv`` files).
 
 A chained sweep's task is scored by its result stage (the last stage with ``test: true``, e.g. ``distill``: image
--> SV3D with LoRA -> decoder, end to end); the manifest names it and each task's result folder.
+-> SV3D with LoRA -> decoder, end to end); the manifest names it and each task's result folder. Stages a run shares
+with another run's identical one (:mod:`gsv3d_pl.sweep.dedupe`) are read from that run's folder, and listed under
+the table (``w/o RGB loss/decoder = Full Model/decoder (identical resolved config; ...)``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from gsv3d_pl.metrics.columns import ABLATION_COLUMNS, PER_OBJECT_KEYS, Column
 from gsv3d_pl.metrics.paper_tables import CITATION, table2_row
 from gsv3d_pl.metrics.results import PER_OBJECT_FILE, read_per_object_csv
+from gsv3d_pl.sweep.dedupe import SharedStage
 from gsv3d_pl.sweep.paired import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedDiff, paired_bootstrap, paired_differences
 from gsv3d_pl.sweep.spec import ABLATION_LABELS, MANIFEST, SweepError
 
@@ -40,7 +43,8 @@ PAIRED_COLUMNS: tuple[Column, ...] = tuple(c for c in ABLATION_COLUMNS if c.key 
 class RunResult:
     """One run's row: per-seed status (``ok`` | ``missing`` | ``running`` | ``failed`` | ``invalid``), the
     metric values of the ``ok`` seeds, and for each ``ok`` seed the folder its metrics came from (where the
-    per-object CSV is). ``stage``: the chained sweep's stage that scored it (None: a single-stage sweep)."""
+    per-object CSV is). ``stage``: the chained sweep's stage that scored it (None: a single-stage sweep).
+    ``shared``: its stages that are another run's identical ones (trained once, in that run's folder)."""
 
     name: str
     label: str
@@ -49,6 +53,7 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     result_dirs: dict[int, Path] = field(default_factory=dict)
     stage: str | None = None
+    shared: list[SharedStage] = field(default_factory=list)
 
     @property
     def num_ok(self) -> int:
@@ -96,19 +101,32 @@ def collect_results(sweep_dir: str | os.PathLike) -> list[RunResult]:
     manifest_path = sweep_dir / MANIFEST
     stage_names: list[str] = []
     result_stage: str | None = None
+    shared_stages: list[SharedStage] = []
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
             runs = [(r["name"], r["label"]) for r in manifest["runs"]]
             stage_names = [st["name"] for st in manifest.get("stages", [])]
             result_stage = manifest.get("result_stage")
+            shared_stages = [SharedStage(str(sh["stage"]), str(sh["run"]), str(sh["same_as"]),
+                                         tuple(int(x) for x in sh["seeds"]))
+                             for sh in manifest.get("shared_stages", [])]
             tasks = []
             for t in manifest["tasks"]:
                 run, seed = t["run"], int(t["seed"])
+                shared = dict(t.get("shared") or {})  # stage -> the run whose identical stage this task reads
                 run_dir = _relocate(sweep_dir, t["run_dir"], run, seed)
-                result = _relocate(sweep_dir, t.get("result_dir"), run, seed, result_stage or "") if stage_names \
-                    else run_dir
-                tasks.append((run, seed, run_dir, result))
+                if stage_names:
+                    result = _relocate(sweep_dir, t.get("result_dir"), shared.get(result_stage, run), seed,
+                                       result_stage or "")
+                elif "result_dir" in t:
+                    result = _relocate(sweep_dir, t["result_dir"], shared.get("", run), seed)
+                else:
+                    result = run_dir
+                # each stage's folder: this task's own, or the one of the run it shares the stage with
+                stage_dirs = [run_dir.parent.parent / shared.get(s, run) / run_dir.name / s for s in stage_names] \
+                    or [result]
+                tasks.append((run, seed, run_dir, result, stage_dirs))
         except (ValueError, KeyError, TypeError) as e:
             raise SweepError(f"{manifest_path}: not a gsv3d sweep manifest ({e}); regenerate it with `gsv3d sweep`") \
                 from e
@@ -120,22 +138,26 @@ def collect_results(sweep_dir: str | os.PathLike) -> list[RunResult]:
         )
         if not found:
             raise SweepError(f"{sweep_dir}: no {MANIFEST} and no <run>/seed<k>/ folders: is this a sweep folder?")
-        tasks = [(r, s, d, _scan_result_dir(d)) for r, s, d in found]
-        names = list(dict.fromkeys(r for r, _, _, _ in tasks))
+        tasks = [(r, s, d, _scan_result_dir(d), [d]) for r, s, d in found]
+        names = list(dict.fromkeys(r for r, _, _, _, _ in tasks))
         order = list(ABLATION_LABELS)
         names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
         runs = [(n, ABLATION_LABELS.get(n, n)) for n in names]
     results = {name: RunResult(name, label, stage=result_stage) for name, label in runs}
-    for run, seed, run_dir, result_dir in tasks:
-        _collect_task(results[run], seed, run_dir, result_dir, stage_names, sweep_dir)
+    for sh in shared_stages:
+        if sh.run in results:
+            results[sh.run].shared.append(sh)
+    for run, seed, run_dir, result_dir, stage_dirs in tasks:
+        _collect_task(results[run], seed, run_dir, result_dir, stage_names, sweep_dir, stage_dirs)
     return list(results.values())
 
 
 def _collect_task(res: RunResult, seed: int, run_dir: Path, result_dir: Path, stage_names: list[str],
-                  sweep_dir: Path) -> None:
-    """One task's status and numbers into ``res`` (see :func:`collect_results`)."""
+                  sweep_dir: Path, stage_dirs: list[Path] | None = None) -> None:
+    """One task's status and numbers into ``res`` (see :func:`collect_results`). ``stage_dirs``: the folder of
+    each stage in ``stage_names`` (another run's where the stage is shared; default: the task's own)."""
     metrics = result_dir / "metrics.json"
-    stage_dirs = [run_dir / s for s in stage_names] or [run_dir]
+    stage_dirs = stage_dirs or [run_dir / s for s in stage_names] or [run_dir]
     failed = next((d for d in stage_dirs if (d / "FAILED").is_file()), None)
     if metrics.is_file():
         try:
@@ -157,9 +179,9 @@ def _collect_task(res: RunResult, seed: int, run_dir: Path, result_dir: Path, st
         res.seeds[seed] = "failed"
         res.notes.append(f"seed {seed}: `gsv3d test` finished but wrote no metrics.json (are the metric callbacks "
                          f"in the config?)")
-    elif run_dir.is_dir():
+    elif run_dir.is_dir() or any(d.is_dir() for d in stage_dirs):
         res.seeds[seed] = "running"
-        done = [s for s in stage_names if (run_dir / s / "fit.done").is_file()]
+        done = [s for s, d in zip(stage_names, stage_dirs) if (d / "fit.done").is_file()]
         where = f"; stages with fit.done: {', '.join(done) or 'none'}" if stage_names else ""
         res.notes.append(f"seed {seed}: no metrics.json yet (still running, or killed: see {sweep_dir}/slurm/"
                          f"{where})")
@@ -278,6 +300,11 @@ def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = Tr
     if stages:
         out.append(f"Every row is scored by `gsv3d test` of the chain's stage {', '.join(stages)} "
                    f"(<run>/seed<k>/{stages[0]}/metrics.json).")
+    shared = [sh for r in results for sh in r.shared]
+    if shared:
+        labels = {r.name: r.label for r in results}
+        out.append("Trained once, shared with another row (read from that row's folder): "
+                   + "; ".join(sh.describe(labels) for sh in shared) + ".")
     if paper and any(table2_row(r.name) for r in results):
         out.append(f"(paper): {CITATION}, Table 2, as published (its test set; appearance only, – = not reported; "
                    "its KID is in percent, ours is the raw MMD²: ×100 to compare).")

@@ -8,6 +8,7 @@ A single-stage sweep (every run trains one config, then ``gsv3d test`` scores it
     overrides: {trainer.max_steps: 1000}  # dotted config keys -> values, applied to every run
     seeds: [0, 1, 2]
     max_parallel: 6                       # P in --array=0-(K-1)%P (default: all K at once)
+    dedupe: true                          # identical resolved stage configs train once (the default)
     test: true                            # after fit, `gsv3d test` the final checkpoint into the run folder
     test_ckpt: "{run_dir}/checkpoints/last.ckpt"
     runs:
@@ -41,8 +42,17 @@ through the ``{run_dir}`` placeholder (= ``<out>/<run>/seed<k>``)::
 
 On SLURM each stage is its own array job and stage i+1 is submitted with ``--dependency=aftercorr:<job of
 stage i>``: its task k starts once task k of stage i completed. The runs' report scores the last stage with
-``test: true``. Placeholders ``{run_dir}`` and ``{stage_dir}`` (the stage's own folder) are replaced in the sweep
-file's override values and ``test_ckpt``, not inside config files.
+``test: true``.
+
+Identical stages run once (``dedupe: true``, the default): two tasks of a stage whose *resolved* configs (what
+``gsv3d fit`` would save as the run's ``config.yaml``, seed included, the stage's own output folder left out) are
+equal train once; the other task's later stages read the shared folder (:mod:`gsv3d_pl.sweep.dedupe`). In
+``ablations.yaml`` the rows w/o RGB and w/o Depth change only the distill stage, so their decoders are Full's.
+``dedupe: false`` trains every task (e.g. to measure run-to-run nondeterminism).
+
+Placeholders ``{run_dir}`` and ``{stage_dir}`` (the stage's own folder) are replaced in the sweep file's override
+values and ``test_ckpt``, not inside config files; ``{run_dir}/<earlier stage>`` is that stage's folder *as
+shared*: the folder of the task that trained it.
 
 Relative paths are relative to the directory ``gsv3d sweep`` runs from (the repository root), as for
 ``gsv3d fit --config``. Every error names ``file:line`` (the YAML is loaded with each entry's line) and what to
@@ -95,15 +105,24 @@ MANIFEST = "sweep.json"
 PLACEHOLDERS = ("{run_dir}", "{stage_dir}")
 
 
-def substitute(value: Any, run_dir: str | os.PathLike, stage_dir: str | os.PathLike) -> Any:
+# `{run_dir}/<stage>` followed by `/` or the end: a path into that stage's folder.
+_STAGE_REF = re.compile(r"\{run_dir\}/([A-Za-z][A-Za-z0-9_]*)(?=/|$)")
+
+
+def substitute(value: Any, run_dir: str | os.PathLike, stage_dir: str | os.PathLike,
+               stage_dirs: dict[str, Path] | None = None) -> Any:
     """``value`` with :data:`PLACEHOLDERS` replaced in every string (also inside lists and dicts). Plain
-    ``str.replace``, not ``str.format``: other braces (``"step{step:06d}"``) stay as they are."""
+    ``str.replace``, not ``str.format``: other braces (``"step{step:06d}"``) stay as they are. ``stage_dirs``
+    maps earlier stages to the folder this task reads them from: ``{run_dir}/<stage>`` becomes that folder (another
+    run's, where the stage is shared with it; :mod:`gsv3d_pl.sweep.dedupe`)."""
     if isinstance(value, str):
+        if stage_dirs:
+            value = _STAGE_REF.sub(lambda m: str(stage_dirs.get(m.group(1), m.group(0))), value)
         return value.replace("{run_dir}", str(run_dir)).replace("{stage_dir}", str(stage_dir))
     if isinstance(value, dict):
-        return {k: substitute(v, run_dir, stage_dir) for k, v in value.items()}
+        return {k: substitute(v, run_dir, stage_dir, stage_dirs) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [substitute(v, run_dir, stage_dir) for v in value]
+        return [substitute(v, run_dir, stage_dir, stage_dirs) for v in value]
     return value
 
 
@@ -168,7 +187,8 @@ class RunSpec:
 class Sweep:
     """A validated sweep file (:func:`load_sweep`). ``stages`` is the pipeline every run × seed goes through; a
     single-stage sweep's one stage (named ``""``) is built from ``base``, ``test``, ``test_ckpt`` and ``slurm``.
-    ``overrides`` apply to every stage, before the stage's and the run's own."""
+    ``overrides`` apply to every stage, before the stage's and the run's own. ``dedupe``: tasks of a stage with
+    identical resolved configs train once (:mod:`gsv3d_pl.sweep.dedupe`)."""
 
     path: Path
     name: str
@@ -182,6 +202,7 @@ class Sweep:
     test: bool = True
     test_ckpt: str = "{run_dir}/checkpoints/last.ckpt"
     stages: tuple[StageSpec, ...] = ()
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         if not self.stages:  # single-stage: one unnamed stage whose folder is the run folder
@@ -210,7 +231,8 @@ class Sweep:
         return next((s for s in reversed(self.stages) if s.test), None)
 
 
-_TOP_KEYS = {"name", "base", "overrides", "seeds", "max_parallel", "runs", "slurm", "test", "test_ckpt", "stages"}
+_TOP_KEYS = {"name", "base", "overrides", "seeds", "max_parallel", "runs", "slurm", "test", "test_ckpt", "stages",
+             "dedupe"}
 _CHAIN_MOVED = {"base": "stages[i].base", "test": "stages[i].test", "test_ckpt": "stages[i].test_ckpt"}
 _STAGE_KEYS = {"name", "base", "overrides", "test", "test_ckpt", "slurm"}
 _RUN_KEYS = {"name", "label", "overlays", "overrides"}
@@ -408,6 +430,10 @@ def load_sweep(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     max_parallel = doc.get("max_parallel")
     if max_parallel is not None:
         max_parallel = positive_int(path, doc, "max_parallel", max_parallel)
+    dedupe = doc.get("dedupe", True)
+    if not isinstance(dedupe, bool):
+        raise SweepError(f"{where(path, doc, 'dedupe')}: `dedupe` must be true or false (true: tasks of a stage "
+                         "with identical resolved configs train once)")
 
     if chained:
         stages = _load_stages(path, doc, root, top_slurm)
@@ -415,7 +441,7 @@ def load_sweep(path: str | os.PathLike, root: str | os.PathLike | None = None) -
         runs = _load_runs(path, doc, root, stages)
         return Sweep(path=path.resolve(), name=name, base=(), runs=runs, seeds=tuple(seeds), overrides=overrides,
                      override_lines=override_lines, slurm=slurm, max_parallel=max_parallel,
-                     test=any(s.test for s in stages), stages=stages)
+                     test=any(s.test for s in stages), stages=stages, dedupe=dedupe)
 
     base = as_path_list(path, doc, "base", doc["base"], root)
     if not base:
@@ -424,5 +450,5 @@ def load_sweep(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     return Sweep(
         path=path.resolve(), name=name, base=base, runs=runs, seeds=tuple(seeds), overrides=overrides,
         override_lines=override_lines, slurm=slurm, max_parallel=max_parallel, test=_check_test(path, doc, True),
-        test_ckpt=_check_test_ckpt(path, doc, Sweep.test_ckpt),
+        test_ckpt=_check_test_ckpt(path, doc, Sweep.test_ckpt), dedupe=dedupe,
     )

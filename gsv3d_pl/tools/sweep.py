@@ -9,6 +9,11 @@ writes ``<out>/sweep.sbatch`` (a chained sweep: ``<out>/<stage>.sbatch`` per sta
   ``--dependency=aftercorr:<previous job id>``) and prints the job id(s);
 - ``--local`` runs the tasks one after another on this machine, without SLURM (each task's stages in order).
 
+Tasks of a stage whose resolved configs are identical (e.g. the decoders of the rows that change only the distill
+stage) train once; the plan names them (``no_rgb/decoder = full/decoder (identical resolved config; ...)``) and
+their later stages read the shared folder (:mod:`gsv3d_pl.sweep.dedupe`; ``dedupe: false`` in the sweep file turns
+it off). That needs the composed configs: with ``--no-validate`` every task trains.
+
 Nothing is written or submitted when a check fails; the message names the sweep file's line.
 """
 
@@ -20,7 +25,9 @@ from pathlib import Path
 
 from gsv3d_pl.sweep import (
     SweepError,
+    config_identity,
     describe_chain,
+    describe_plan,
     load_sweep,
     run_local,
     run_local_stages,
@@ -60,11 +67,22 @@ def main(argv: list[str]) -> int:
     if sweep.result_stage is None:
         print("gsv3d sweep: note: no stage has `test: true`: the tasks only train and `gsv3d report` will have no "
               "numbers", file=sys.stderr)
-    files = write_sweep_files(sweep, out, rerooted=rerooted)
+    if sweep.dedupe and rerooted is None:
+        print("gsv3d sweep: note: --no-validate: identical stages are not detected (that needs the composed "
+              "configs); every task trains", file=sys.stderr)
+    try:
+        files = write_sweep_files(sweep, out, rerooted=rerooted,
+                                  identify=config_identity if rerooted is not None else None)
+    except SweepError as e:
+        print(f"gsv3d sweep: error: {e}", file=sys.stderr)
+        return 2
     n = sweep.num_tasks
     stages = f" x {len(sweep.stages)} stages" if files.chained else ""
     print(f"gsv3d sweep: {len(sweep.runs)} runs x {len(sweep.seeds)} seeds = {n} tasks{stages} -> "
           f"{', '.join(str(f.script) for f in files.stages)}, {files.tasks_file}", file=sys.stderr)
+    plan = describe_plan(files)
+    if plan and (args.submit or args.local):  # the dry run prints it on stdout with the scripts
+        print("\n".join(f"gsv3d sweep: {line.lstrip('# ')}" for line in plan), file=sys.stderr)
 
     if args.submit:
         try:
@@ -74,8 +92,14 @@ def main(argv: list[str]) -> int:
             return 1
         for _, job_id in jobs:
             print(job_id)
-        chain = "; ".join(f"stage {s}: {j}" + (f" (aftercorr:{jobs[i - 1][1]})" if i else "")
-                          for i, (s, j) in enumerate(jobs)) if files.chained else f"array job {jobs[0][1]}"
+        if files.chained:
+            ids = dict(jobs)
+            chain = "; ".join(
+                (f"stage {f.name}" if sub.name == f.name else f"stage {f.name} tasks {sub.array}")
+                + f": {ids[sub.name]}" + (f" ({sub.dependency(ids[sub.after])})" if sub.after else "")
+                for f in files.stages for sub in f.submissions)
+        else:
+            chain = f"array job {jobs[0][1]}"
         print(f"gsv3d sweep: submitted {chain}. Follow with `squeue -j {','.join(j for _, j in jobs)}`, logs in "
               f"{out}/slurm/; table: gsv3d report {out}", file=sys.stderr)
         return 0
@@ -92,5 +116,7 @@ def main(argv: list[str]) -> int:
             print(f"\n# ==> {f.script} <==")
             print(f.script.read_text(), end="")
         return 0
+    if plan:
+        print("\n".join(plan) + "\n")
     print(files.stages[0].script.read_text(), end="")
     return 0
