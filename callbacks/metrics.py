@@ -41,7 +41,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gsv3d_pl.batch import BatchError, check_novel_views
-from gsv3d_pl.metrics.columns import GEOMETRY_KEYS, PER_IMAGE_KEYS
+from gsv3d_pl.metrics.columns import CONSISTENCY_KEYS, GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import MISSED_RULE, evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
 from gsv3d_pl.metrics.results import merge_metrics, primary_variant
@@ -231,6 +231,11 @@ class MetricCallback(pl.Callback):
 class AppearanceMetrics(MetricCallback):
     """PSNR, SSIM, LPIPS, FID, KID and CLIP-IQA of the rendered novel views vs the GT views.
 
+    When the stage's result carries the 3D-consistency scores (``consistency_psnr`` / ``consistency_ssim``
+    [B, F]: DistillStage, :mod:`gsv3d_pl.metrics.consistency`), they are passed through as two more metrics (mean
+    over all (object, frame) images, per variant) and per-object columns: the stage computed them (it holds the
+    generated orbit and the VAE), so they need no metric network and are valid in smoke mode too.
+
     Args:
         mode: "pretrained" (published networks from local files) or "smoke" (random-init, pipeline check).
         lpips_backbone_path, inception_path, clip_iqa_path: explicit local weight files; default: the
@@ -278,6 +283,7 @@ class AppearanceMetrics(MetricCallback):
             s = self._metrics.per_image(p, g)  # dict of [V]
             recs[uid] = {
                 **{k: v.double().cpu().numpy() for k, v in s.items()},
+                **{k: outputs[k][b].double().cpu().numpy() for k in CONSISTENCY_KEYS if k in outputs},  # [F]
                 "fake": self._metrics.features(p).cpu(),  # [V, d]
                 "real": self._metrics.features(g).cpu(),  # [V, d]
             }
@@ -296,13 +302,18 @@ class AppearanceMetrics(MetricCallback):
         fid, kid, kid_std = self._metrics.fid_kid(real, fake)
         out["fid"] = {"value": fid, "num_objects": n_obj, "num_views": n_views}
         out["kid"] = {"value": kid, "num_objects": n_obj, "num_views": n_views}
+        for k in CONSISTENCY_KEYS:  # only when every object has it: a mean over some objects would mislead
+            if all(k in r for r in records.values()):
+                vals = np.concatenate([r[k] for r in records.values()])  # all (object, orbit frame) images
+                out[k] = _stat(list(vals), n_obj, len(vals))
         meta = {"smoke": self.mode == "smoke", "appearance_mode": self.mode, "kid_std": kid_std,
                 "kid_subset_size": min(self.kwargs["kid_subset_size"], n_views)}
         return out, meta
 
     def per_object(self, records):
         # The mean over the object's views of each per-image score (FID/KID are set statistics: none per object).
-        return {uid: {**{k: float(np.mean(r[k])) for k in PER_IMAGE_KEYS}, "num_views": float(len(r["psnr"]))}
+        return {uid: {**{k: float(np.mean(r[k])) for k in (*PER_IMAGE_KEYS, *CONSISTENCY_KEYS) if k in r},
+                      "num_views": float(len(r["psnr"]))}
                 for uid, r in records.items()}
 
 

@@ -5,7 +5,7 @@ A datamodule for either stage yields :class:`MultiViewBatch` dicts; a stage's ``
 per batch (a dataset item has the same keys without the leading ``B``):
 
 - ``B`` objects, ``Q`` target views per object (the 21 orbit frames first, then extra views),
-  ``N`` input views, ``V = Q − N`` novel (non-input) views;
+  ``N`` input views, ``V = Q − N`` novel (non-input) views, ``F = 21 − N`` orbit frames that are not inputs;
 - images ``H × W`` (the render resolution), latents ``h × w`` (H / the VAE factor), 4 channels.
 
 Images are float32 RGB in [0, 1], channels-first; depth is planar camera z in world units (0 off-surface);
@@ -85,6 +85,12 @@ NOVEL_VIEW_KEYS: dict[str, Key] = {
     "input_images": Key(("B", "N", "3", "H", "W"), "float32", "the input views (for image grids)", "visuals"),
     "gaussians": Key(None, "Gaussians", "the predicted Gaussians, batch shape [B] (detached)",
                      "GeometryMetrics, visuals (.ply / turntable)"),
+    # DistillStage only (a generated orbit to check): gsv3d_pl.metrics.consistency
+    "consistency_psnr": Key(("B", "F"), "float32", "3D consistency (ours, no GT): PSNR (dB) of the Gaussians "
+                            "rendered at each orbit frame the decoder did not read vs that generated frame, "
+                            "VAE-decoded", "AppearanceMetrics, held-out evaluation", optional=True),
+    "consistency_ssim": Key(("B", "F"), "float32", "3D consistency (ours, no GT): SSIM of the same pairs",
+                            "AppearanceMetrics, held-out evaluation", optional=True),
 }
 
 
@@ -110,9 +116,7 @@ class MultiViewBatch(TypedDict, total=False):
     target_latents: Tensor
 
 
-class NovelViews(TypedDict):
-    """What a stage's ``validation_step`` / ``test_step`` returns; see :data:`NOVEL_VIEW_KEYS`."""
-
+class _NovelViewsBase(TypedDict):
     pred_images: Tensor
     pred_alphas: Tensor
     pred_depths: Tensor
@@ -124,6 +128,14 @@ class NovelViews(TypedDict):
     novel_indices: Tensor
     input_images: Tensor
     gaussians: Any
+
+
+class NovelViews(_NovelViewsBase, total=False):
+    """What a stage's ``validation_step`` / ``test_step`` returns; see :data:`NOVEL_VIEW_KEYS` (the keys below are
+    the optional ones; ``total=False`` rather than ``NotRequired``, which Python 3.10 lacks)."""
+
+    consistency_psnr: Tensor
+    consistency_ssim: Tensor
 
 
 class BatchError(KeyError):

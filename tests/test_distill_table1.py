@@ -12,9 +12,10 @@ import pytest
 import torch
 import trimesh
 
-from gsv3d_pl.metrics.columns import COLUMNS
+from gsv3d_pl.metrics.columns import COLUMNS, CONSISTENCY_COLUMNS, CONSISTENCY_KEYS
 from gsv3d_pl.metrics.paper_tables import table1_rows
 from gsv3d_pl.metrics.results import OURS_DISTILLED, OURS_UNDISTILLED, read_per_object_csv
+from gsv3d_pl.orbit import NUM_FRAMES
 from tests.synthetic import SyntheticDataModule
 from tests.test_distill_stage import decoder_ckpt, lora_params, make_distill  # noqa: F401 (a fixture)
 
@@ -93,7 +94,8 @@ def test_gsv3d_test_of_a_distill_stage_scores_the_lora_off_and_on(decoder_ckpt, 
     # metrics.csv: a variant column
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         mrows = list(csv.DictReader(f))
-    assert {(r["metric"], r["variant"]) for r in mrows} == {(k, v) for k in KEYS for v in ("undistilled", "distilled")}
+    assert {(r["metric"], r["variant"]) for r in mrows} == {(k, v) for k in (*KEYS, *CONSISTENCY_KEYS)
+                                                            for v in ("undistilled", "distilled")}
 
     # results.md: the paper's seven rows, then SV3D (ours) and GSV3D (ours) with their numbers, no "this run" row
     md = (tmp_path / "run" / "results.md").read_text()
@@ -105,3 +107,22 @@ def test_gsv3d_test_of_a_distill_stage_scores_the_lora_off_and_on(decoder_ckpt, 
         assert [c.strip() for c in ln.strip("|").split("|")[2:]] == [c.format(part[c.key]["value"]) for c in COLUMNS]
     assert "this run" not in md and "n/a" not in md
     assert md.count("missed objects (no rendered pixel") == 2  # one line per variant
+
+    # 3D consistency (ours, no GT): per variant in metrics.json, a per-object column, its own table in results.md
+    frames = NUM_FRAMES - dm.kw["num_input_views"]  # the orbit frames the decoder did not read
+    for v, part in data["variants"].items():
+        for k in CONSISTENCY_KEYS:
+            assert part[k]["num_objects"] == 2 and part[k]["num_views"] == 2 * frames, (v, k)
+            assert np.isfinite(part[k]["value"]), (v, k)
+            objs = read_per_object_csv(tmp_path / "run" / "metrics_per_object.csv", variant=v)
+            assert np.mean([o[k] for o in objs.values()]) == pytest.approx(part[k]["value"], rel=1e-9), (v, k)
+        assert float(cm[f"test/{v}/consistency_psnr"]) == pytest.approx(part["consistency_psnr"]["value"], rel=1e-5)
+    assert data["consistency_psnr"] == on["consistency_psnr"]
+    assert abs(off["consistency_psnr"]["value"] - on["consistency_psnr"]["value"]) > 1e-4  # the LoRA changes the orbit
+    header = next(ln for ln in lines if ln.startswith("| Method | 3D consistency (ours, no GT) PSNR↑"))
+    table = lines[lines.index(header) + 2: lines.index(header) + 4]
+    assert [ln.split("|")[1].strip() for ln in table] == [OURS_UNDISTILLED, OURS_DISTILLED]
+    for ln, part in zip(table, (off, on)):
+        assert [c.strip() for c in ln.strip("|").split("|")[1:]] == [c.format(part[c.key]["value"])
+                                                                    for c in CONSISTENCY_COLUMNS]
+    assert f"Scored frames: {2 * frames}." in md

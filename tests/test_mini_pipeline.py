@@ -44,7 +44,8 @@ def test_mini_chain_hands_off_and_reports(tmp_path, capsys):
          f"--model.init_args.decoder_ckpt={tmp_path / 'decoder' / 'checkpoints' / 'last.ckpt'}",
          "--model.init_args.val_sample_steps=2")
     e2e = json.loads((tmp_path / "distill" / "heldout_e2e.json").read_text())
-    for k in ("psnr", "ssim", "baseline_psnr", "copy_input_psnr", "undistilled_psnr", "num_objects"):
+    for k in ("psnr", "ssim", "baseline_psnr", "copy_input_psnr", "undistilled_psnr", "num_objects",
+              "consistency_psnr", "undistilled_consistency_psnr", "consistency_gain_db"):
         assert k in e2e, k
     assert e2e["num_objects"] == dec["num_objects"] > 0
     assert e2e["copy_input_psnr"] > e2e["baseline_psnr"]  # on the toys, the input image beats the mean image
@@ -52,7 +53,8 @@ def test_mini_chain_hands_off_and_reports(tmp_path, capsys):
                             "--e2e", str(tmp_path / "distill" / "heldout_e2e.json"),
                             "--vae", str(tmp_path / "vae" / "vae_eval.json")]) == 0
     out = capsys.readouterr().out
-    for row in ("nearest of the 4 GT input views", "copy the input image", "undistilled", "distilled"):
+    for row in ("nearest of the 4 GT input views", "copy the input image", "undistilled", "distilled",
+                "3D consistency (ours, no GT), distilled"):
         assert row in out
     assert f"{e2e['undistilled_psnr']:.2f}" in out and f"{dec['psnr']:.2f}" in out
 

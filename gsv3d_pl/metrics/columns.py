@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "USER_STUDY_COLUMNS", "METRIC_KEYS", "PER_IMAGE_KEYS", "SET_KEYS",
-           "GEOMETRY_KEYS", "PER_OBJECT_KEYS"]
+__all__ = ["Column", "COLUMNS", "ABLATION_COLUMNS", "USER_STUDY_COLUMNS", "CONSISTENCY_COLUMNS", "CONSISTENCY_KEYS",
+           "CONSISTENCY_LABEL", "METRIC_KEYS", "PER_IMAGE_KEYS", "SET_KEYS", "GEOMETRY_KEYS", "PER_OBJECT_KEYS"]
 
 # What computes a column: the mean of a per-image score over all (object, view) images; a statistic of the whole
 # set of views (feature distributions); or the mean of a per-object geometry score.
 # A column of a metric that a callback of its own computes (docs/extending.md) is "external": the built-in
 # callbacks compute exactly the per_image / set / geometry columns and leave it alone.
 # "user_study": a rating of the paper's participants (Table 1's last two columns); no run computes it.
-PER_IMAGE, SET, GEOMETRY, EXTERNAL, USER_STUDY = "per_image", "set", "geometry", "external", "user_study"
+# "consistency": ours, not the paper's: the stage's no-GT 3D-consistency score of a generated orbit
+# (gsv3d_pl.metrics.consistency), per image, passed through by AppearanceMetrics when the stage returns it.
+PER_IMAGE, SET, GEOMETRY, EXTERNAL, USER_STUDY, CONSISTENCY = ("per_image", "set", "geometry", "external",
+                                                              "user_study", "consistency")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class Column:
         name: the paper's column name, without the arrow.
         decimals: digits after the point in tables.
         higher_is_better: the arrow: ↑ when True, ↓ when False.
-        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` | ``"external"`` | ``"user_study"`` (see above).
+        kind: ``"per_image"`` | ``"set"`` | ``"geometry"`` | ``"external"`` | ``"user_study"`` |
+            ``"consistency"`` (see above).
         thresholded: the header names the threshold it was computed at (F-Score@τ).
     """
 
@@ -81,9 +85,18 @@ USER_STUDY_COLUMNS: tuple[Column, ...] = (
     Column("geo_score", "Geo. score", 3, True, USER_STUDY),
 )
 
-METRIC_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS)
+# Ours, no paper value: not a column of the paper's Table 1 (COLUMNS) but a table of its own in results.md, under it.
+CONSISTENCY_LABEL = "3D consistency (ours, no GT)"
+CONSISTENCY_COLUMNS: tuple[Column, ...] = (
+    Column("consistency_psnr", f"{CONSISTENCY_LABEL} PSNR", 3, True, CONSISTENCY),
+    Column("consistency_ssim", f"{CONSISTENCY_LABEL} SSIM", 3, True, CONSISTENCY),
+)
+CONSISTENCY_KEYS: tuple[str, ...] = tuple(c.key for c in CONSISTENCY_COLUMNS)
+
+# Every metrics.json metric this project writes, in file order (the paper's columns, then ours).
+METRIC_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS) + CONSISTENCY_KEYS
 PER_IMAGE_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == PER_IMAGE)  # AppearanceMetrics
 SET_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == SET)  # AppearanceMetrics (FID, KID)
 GEOMETRY_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind == GEOMETRY)  # GeometryMetrics
 # The columns with a value per object (metrics_per_object.csv): FID and KID are statistics of the whole set of views.
-PER_OBJECT_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind in (PER_IMAGE, GEOMETRY))
+PER_OBJECT_KEYS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.kind in (PER_IMAGE, GEOMETRY)) + CONSISTENCY_KEYS

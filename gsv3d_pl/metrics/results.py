@@ -15,6 +15,11 @@ are :func:`primary_variant`'s (the distilled model), so a reader of the top-leve
 method's numbers. metrics.csv and metrics_per_object.csv then carry a ``variant`` column, and results.md prints
 one row of ours per variant (:data:`VARIANT_LABELS`) under the paper's rows.
 
+**3D consistency (ours, no GT)** (:mod:`gsv3d_pl.metrics.consistency`): when the stage returns it (DistillStage,
+per variant), metrics.json has ``consistency_psnr`` / ``consistency_ssim`` ({"value", "num_objects", "num_views"};
+``num_views`` counts the scored orbit frames), metrics.csv and metrics_per_object.csv carry them, and results.md
+prints them in a table of their own under Table 1 (the paper has no such column): one row per row of ours.
+
 ``metrics_per_object.csv`` has one row per object (``uid`` first), every per-object column
 (:data:`~gsv3d_pl.metrics.columns.PER_OBJECT_KEYS`: the per-image means and the geometry scores; FID and KID are
 statistics of the whole set and have no per-object value) and the geometry details (``missed``, ``precision``,
@@ -36,7 +41,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gsv3d_pl.io import write_json_atomic, write_text_atomic
-from gsv3d_pl.metrics.columns import COLUMNS, METRIC_KEYS, PER_OBJECT_KEYS, USER_STUDY_COLUMNS
+from gsv3d_pl.metrics.columns import (
+    COLUMNS,
+    CONSISTENCY_COLUMNS,
+    CONSISTENCY_LABEL,
+    METRIC_KEYS,
+    PER_OBJECT_KEYS,
+    USER_STUDY_COLUMNS,
+)
 from gsv3d_pl.metrics.geometry import MISSED_RULE
 from gsv3d_pl.metrics.paper_tables import CITATION, table1_rows
 
@@ -98,6 +110,23 @@ def _missed_line(meta: Mapping, label: str | None = None) -> str | None:
     return line + f". A missed object is scored as: {MISSED_RULE}; the means include it."
 
 
+def _consistency_table(rows: Sequence[tuple[str, Mapping]]) -> list[str]:
+    """results.md's table of :data:`CONSISTENCY_COLUMNS` for the (label, metrics.json dict) rows of ours that have
+    them; nothing when none has."""
+    rows = [(label, d) for label, d in rows if any(c.key in d for c in CONSISTENCY_COLUMNS)]
+    if not rows:
+        return []
+    frames = sorted({(d.get(c.key) or {}).get("num_views") for _, d in rows for c in CONSISTENCY_COLUMNS} - {None})
+    return ["", f"{CONSISTENCY_LABEL}: the decoder's Gaussians rendered at the generated orbit frames it did not read, "
+            "against those frames (VAE-decoded); no ground truth is read, so it measures the orbit's agreement with "
+            "itself, not fidelity to the object. Not a metric of the paper (its rows have none). Scored frames: "
+            f"{', '.join(map(str, frames)) or '–'}.", "",
+            _row(["Method", *(c.header() for c in CONSISTENCY_COLUMNS)]),
+            "|" + "---|" * (len(CONSISTENCY_COLUMNS) + 1),
+            *(_row([label, *(c.format((d.get(c.key) or {}).get("value")) for c in CONSISTENCY_COLUMNS)])
+              for label, d in rows)]
+
+
 def results_markdown(data: dict, ours: Mapping[str, dict] | None = None) -> str:
     """The paper's Table 1 (Markdown) with this run's row appended, from a metrics.json dict.
 
@@ -129,12 +158,16 @@ def results_markdown(data: dict, ours: Mapping[str, dict] | None = None) -> str:
     if not order:
         lines.append(_row(["ours", run_label, *_run_cells(data)]))
 
+    # no smoke note there: PSNR and SSIM need no metric network
+    lines += _consistency_table([*(ours or {}).items(),
+                                 *((VARIANT_LABELS.get(v, f"ours ({v})"), variants[v]) for v in order),
+                                 *([] if order else [("**this run**", data)])])
     lines += ["", "The paper's user study (Table 1, last two columns: participants' ratings, not computed metrics):",
               "", _row(["Method", *(c.header() for c in USER_STUDY_COLUMNS)]),
               "|" + "---|" * (len(USER_STUDY_COLUMNS) + 1)]
     lines += [_row([r.name, *(c.format(r.values[c.key]) for c in USER_STUDY_COLUMNS)]) for r in table1_rows()]
 
-    counts = {k: data[k] for k in METRIC_KEYS if k in data}
+    counts = {c.key: data[c.key] for c in COLUMNS if c.key in data}  # the novel views (consistency: orbit frames)
     n_obj = sorted({v.get("num_objects") for v in counts.values()})
     n_views = sorted({v.get("num_views") for v in counts.values()})
     lines += ["", f"Evaluated objects: {', '.join(map(str, n_obj)) or '–'}; "

@@ -7,14 +7,22 @@ switched off (SV3D as it was: Table 1's "SV3D" row of ours) and ``distilled`` wi
 Both variants of a batch share
 
 - the conditioning (computed once: the conditioning image's cond_aug noise is drawn from the global RNG),
-- the sampler seed (the test batch's index, as validation has always used; so a test set's noise depends on its
-  batch size and on the number of DDP ranks, but never on the variant), and
-- the σ/noise draw of the logged test losses (seed 1000 + batch index),
+- the sampler's starting noise, drawn **per object** (:func:`~gsv3d_pl.stages.common.object_noise`): object ``uid``
+  starts from its own generator seeded by (``e2e_seed``, crc32(uid)), in validation, ``gsv3d test`` and the
+  end-of-fit held-out check alike. So an object's orbit does not depend on the batch size, its place in the batch
+  or the number of DDP ranks, only on the seed, its uid and the model; the two variants get the same noise, and
+  a ``gsv3d test`` and the held-out check of the same seed sample the same orbits, and
+- the σ/noise draw of the logged test losses (seed 1000 + batch index; these losses only, not the novel views),
 
 so their difference is the LoRA's alone. ``test_step`` returns the primary variant's novel views at the top level
 (what image callbacks read) and every variant's under ``"variants"``; the metric callbacks
 (``callbacks/metrics.py``) keep one set of records per variant and write both into metrics.json, the
 per-object CSV and results.md. Validation scores the distilled model only (it is a fit-time check).
+
+**3D consistency (ours, no GT).** Beside the novel views, :meth:`evaluate_novel_views` scores how well the orbit
+agrees with itself (:mod:`gsv3d_pl.metrics.consistency`): the decoder's Gaussians rendered at the orbit frames it
+did not read against those generated frames, VAE-decoded; ``consistency_psnr`` / ``consistency_ssim`` [B, F] in the
+result, their means in metrics.json (per variant), heldout_e2e.json and the logs (``<prefix>/consistency_psnr``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import Tensor
 
 from gsv3d_pl.batch import MultiViewBatch, NovelViews
 from gsv3d_pl.io import write_json_atomic
+from gsv3d_pl.metrics.consistency import consistency_frames, orbit_consistency
 from gsv3d_pl.metrics.results import primary_variant
 from gsv3d_pl.orbit import INPUT_FRAME
 from gsv3d_pl.stages.common import gather_views, novel_view_indices, sample_orbit
@@ -42,10 +51,12 @@ class DistillEvaluation:
 
     @torch.no_grad()
     def generate_orbit(self, batch: MultiViewBatch, c: dict | None = None, seed: int = 0) -> Tensor:
-        """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w] (deterministic seed)."""
+        """Sample the 21-frame orbit latents for the batch's input views, [B, 21, 4, h, w]: each object's starting
+        noise from (``seed``, its ``uid``), so an object's orbit does not depend on the batch it is in (a batch
+        without ``uid``: one generator seeded by ``seed`` for the whole batch)."""
         c = self.conditioning(batch) if c is None else c
         with self.autocast():
-            return sample_orbit(self.sv3d, c, self.val_sample_steps, seed)
+            return sample_orbit(self.sv3d, c, self.val_sample_steps, seed, uids=batch.get("uid"))
 
     @torch.no_grad()
     def evaluate_novel_views(self, batch: MultiViewBatch, seed: int = 0, c: dict | None = None) -> NovelViews:
@@ -71,7 +82,23 @@ class DistillEvaluation:
             "pred_depths": depth, "gt_alphas": gt["target_alphas"], "gt_depths": gt["target_depths"],
             "eval_c2w": c2w, "eval_K": K, "input_images": batch["input_images"],
             "gaussians": gaussians.detach(), "novel_indices": novel,
+            **self._consistency(lat, idx, novel, rgb),
         }
+
+    def _consistency(self, lat: Tensor, idx: Tensor, novel: Tensor, rgb: Tensor) -> dict[str, Tensor]:
+        """3D consistency (ours, no GT) of the orbit ``lat`` [B, 21, C, h, w] whose frames ``idx`` [B, N] the decoder
+        read; ``rgb`` [B, V, 3, H, W]: its Gaussians rendered at the novel views ``novel`` [B, V]. {} when the
+        decoder read every orbit frame (nothing left to check)."""
+        frames = consistency_frames(idx)  # [B, F], sorted
+        F = frames.shape[1]
+        if F == 0:
+            return {}
+        # The target views start with the 21 orbit frames and the novel views are sorted, so the unread orbit frames
+        # are the first F novel views: their renders exist already (no second render of the same Gaussians).
+        if not torch.equal(novel[:, :F].to(frames.device), frames):
+            raise RuntimeError(f"3D consistency: the first {F} novel views {novel[:, :F].tolist()} are not the unread "
+                               f"orbit frames {frames.tolist()}")
+        return orbit_consistency(lat, idx, rgb[:, :F].clamp(0, 1), self.vae.decode)
 
     def lora_variant(self, variant: str):
         """Context in which SV3D is ``variant``: ``undistilled`` = the LoRA adapters off, ``distilled`` = on."""
@@ -89,10 +116,12 @@ class DistillEvaluation:
         c = self.conditioning(batch) if c is None else c
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)  # same σ/noise every validation
         _, terms = self.distill_losses(batch, generator=g, c=c)
-        out = self.evaluate_novel_views(batch, seed=batch_idx, c=c)
+        out = self.evaluate_novel_views(batch, seed=self.e2e_seed, c=c)  # per-object noise (module docstring)
         terms["psnr"] = per_image_psnr(out["pred_images"].flatten(0, 1), out["gt_images"].flatten(0, 1)).mean()
+        if "consistency_psnr" in out:
+            terms["consistency_psnr"] = out["consistency_psnr"].mean()
         for prefix in prefixes:
-            for k in ("loss", "l2d", "l3d", "psnr"):
+            for k in ("loss", "l2d", "l3d", "psnr", "consistency_psnr"):
                 if k in terms:
                     self.log(f"{prefix}/{k}", terms[k], batch_size=B, sync_dist=True,
                              prog_bar=k == "psnr" and "/" not in prefix)
@@ -132,12 +161,17 @@ class DistillEvaluation:
                    replace_input_frame=self.replace_input_frame)
         path = os.path.join(self._root_dir(), "heldout_e2e.json")
         write_json_atomic(path, res)
-        print(f"[e2e eval] image -> SV3D -> decoder, {res['num_objects']} held-out objects, {res['num_views']} novel "
-              f"views at {res['resolution'][0]}x{res['resolution'][1]} (seed {self.e2e_seed}):\n"
-              f"[e2e eval]   distilled (LoRA on)     PSNR {res['psnr']:.2f} dB  SSIM {res['ssim']:.4f}\n"
-              f"[e2e eval]   undistilled (LoRA off)  PSNR {res['undistilled_psnr']:.2f} dB  SSIM "
-              f"{res['undistilled_ssim']:.4f}\n"
-              f"[e2e eval]   copy the input image    PSNR {res['copy_input_psnr']:.2f} dB\n"
-              f"[e2e eval]   mean training image     PSNR {res['baseline_psnr']:.2f} dB\n"
-              f"[e2e eval] written to {path}", flush=True)
+        lines = [f"image -> SV3D -> decoder, {res['num_objects']} held-out objects, {res['num_views']} novel views at "
+                 f"{res['resolution'][0]}x{res['resolution'][1]} (seed {self.e2e_seed}):",
+                 f"  distilled (LoRA on)     PSNR {res['psnr']:.2f} dB  SSIM {res['ssim']:.4f}",
+                 f"  undistilled (LoRA off)  PSNR {res['undistilled_psnr']:.2f} dB  SSIM {res['undistilled_ssim']:.4f}"]
+        if "consistency_psnr" in res:  # absent only when the decoder reads all 21 frames
+            lines += ["  3D consistency (ours, no GT): the orbit's unread frames vs the decoder's renders there",
+                      f"    distilled             PSNR {res['consistency_psnr']:.2f} dB  SSIM "
+                      f"{res['consistency_ssim']:.4f}",
+                      f"    undistilled           PSNR {res['undistilled_consistency_psnr']:.2f} dB  SSIM "
+                      f"{res['undistilled_consistency_ssim']:.4f}  (gain {res['consistency_gain_db']:+.2f} dB)"]
+        lines += [f"  copy the input image    PSNR {res['copy_input_psnr']:.2f} dB",
+                  f"  mean training image     PSNR {res['baseline_psnr']:.2f} dB", f"written to {path}"]
+        print("\n".join(f"[e2e eval] {ln}" for ln in lines), flush=True)
         return res

@@ -15,6 +15,9 @@ Protocol (one number per quantity, written to ``<run>/heldout_eval.json``):
   - **mean training image**: one image, the per-pixel mean of every target view of every **training**
     object (at most ``baseline_max_objects``). A decoder that learned nothing object-specific scores about
     this.
+- 3D consistency (ours, no GT; :mod:`gsv3d_pl.metrics.consistency`): when ``evaluate`` returns it (the distill
+  stage: a generated orbit), ``consistency_psnr`` / ``consistency_ssim`` are its per-image values averaged over all
+  (object, unread orbit frame) images, as PSNR is; ``consistency_num_frames`` counts those images.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gsv3d_pl.metrics.columns import CONSISTENCY_KEYS
 from gsv3d_pl.stages.common import gather_views
 
 __all__ = ["per_image_psnr", "per_image_ssim", "mean_training_image", "nearest_input_views", "heldout_evaluation"]
@@ -101,10 +105,12 @@ def heldout_evaluation(
     Returns:
         {"psnr", "ssim", "nearest_input_psnr", "nearest_input_ssim", "baseline_psnr", "baseline_ssim",
         "psnr_gain_db", "gain_over_nearest_input_db", "num_objects", "num_views", "baseline_num_objects",
-        "resolution"}; ``baseline_*`` is the mean training image.
+        "resolution"}; ``baseline_*`` is the mean training image. Plus ``consistency_psnr``, ``consistency_ssim``
+        and ``consistency_num_frames`` when ``evaluate`` returns the 3D-consistency scores (module docstring).
     """
     mean_img, n_train = mean_training_image(train_loader, baseline_max_objects)  # [3, H, W]
     psnr, ssim, b_psnr, b_ssim, n_psnr, n_ssim = [], [], [], [], [], []
+    cons: dict[str, list[Tensor]] = {}  # {consistency key: per-image values [M'] per batch}
     objects = 0
     for batch in test_loader:
         if max_objects is not None and objects >= max_objects:
@@ -115,6 +121,9 @@ def heldout_evaluation(
         near, _ = nearest_input_views(out["input_images"], batch["input_c2w"], out["eval_c2w"])  # [B, V, 3, H, W]
         if max_objects is not None:
             pred, gt, near = (x[: max_objects - objects] for x in (pred, gt, near))
+        for k in CONSISTENCY_KEYS:
+            if k in out:  # [B, F] -> the kept objects' images
+                cons.setdefault(k, []).append(out[k][: pred.shape[0]].flatten().float().cpu())
         objects += pred.shape[0]
         pred, gt, near = (x.flatten(0, 1).float().cpu() for x in (pred, gt, near))  # [M, 3, H, W]
         if mean_img.shape != gt.shape[1:]:
@@ -143,4 +152,10 @@ def heldout_evaluation(
     }
     out["psnr_gain_db"] = out["psnr"] - out["baseline_psnr"]
     out["gain_over_nearest_input_db"] = out["psnr"] - out["nearest_input_psnr"]
+    if cons:
+        if any(len(v) != len(psnr) for v in cons.values()):
+            raise RuntimeError("held-out evaluation: some batches returned the 3D-consistency scores and some not")
+        values = {k: torch.cat(v) for k, v in cons.items()}
+        out.update({k: float(v.mean()) for k, v in values.items()})
+        out["consistency_num_frames"] = int(values["consistency_psnr"].numel())
     return out

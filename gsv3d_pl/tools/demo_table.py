@@ -6,6 +6,10 @@
 
 With several ``--e2e`` files (stage 2 at several seeds: ``make demo-seeds``) the table is the first one's, followed
 by the undistilled and distilled PSNR as mean ± sample std over the seeds and their paired difference.
+
+The "3D consistency (ours, no GT)" rows (:mod:`gsv3d_pl.metrics.consistency`: the decoder's renders at the generated
+orbit frames it did not read vs those frames; no ground truth) appear when heldout_e2e.json has them (files written
+before the metric existed do not).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from gsv3d_pl.metrics.columns import CONSISTENCY_LABEL
 
 
 def _read(path: str, what: str) -> dict:
@@ -43,7 +49,16 @@ def rows(decoder: dict, e2e: dict, vae: dict | None = None) -> list[tuple[str, s
         ("SV3D -> decoder, undistilled", "1 image -> novel", f(e2e["undistilled_psnr"]), g(e2e["undistilled_ssim"])),
         ("SV3D+LoRA -> decoder, distilled", "1 image -> novel", f(e2e["psnr"]), g(e2e["ssim"])),
     ]
+    if _has_consistency(e2e):
+        out += [(f"{CONSISTENCY_LABEL}, undistilled", "orbit self-check", f(e2e["undistilled_consistency_psnr"]),
+                 g(e2e["undistilled_consistency_ssim"])),
+                (f"{CONSISTENCY_LABEL}, distilled", "orbit self-check", f(e2e["consistency_psnr"]),
+                 g(e2e["consistency_ssim"]))]
     return out
+
+
+def _has_consistency(e2e: dict) -> bool:
+    return "consistency_psnr" in e2e and "undistilled_consistency_psnr" in e2e
 
 
 def seed_summary(e2es: list[dict]) -> str:
@@ -54,9 +69,16 @@ def seed_summary(e2es: list[dict]) -> str:
     gain = [d - u for d, u in zip(dis, und)]
     ms = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"  # noqa: E731
     seeds = ", ".join(str(e.get("seed", "?")) for e in e2es)
-    return (f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
-            f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)}); copy the input image "
-            f"{e2es[0]['copy_input_psnr']:.2f} dB")
+    out = (f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
+           f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)}); copy the input image "
+           f"{e2es[0]['copy_input_psnr']:.2f} dB")
+    if all(_has_consistency(e) for e in e2es):
+        c_und = [e["undistilled_consistency_psnr"] for e in e2es]
+        c_dis = [e["consistency_psnr"] for e in e2es]
+        c_gain = [d - u for d, u in zip(c_dis, c_und)]
+        out += (f"\n  {CONSISTENCY_LABEL} over the same seeds: undistilled {ms(c_und)} dB, distilled {ms(c_dis)} dB; "
+                f"paired gain {ms(c_gain)} dB ({', '.join(f'{g:+.2f}' for g in c_gain)})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  decoder vs nearest input: {dec['psnr'] - dec['nearest_input_psnr']:+.2f} dB; distilled vs "
           f"undistilled: {e2e['psnr'] - e2e['undistilled_psnr']:+.2f} dB; distilled vs mean image: "
           f"{e2e['psnr'] - e2e['baseline_psnr']:+.2f} dB")
+    if _has_consistency(e2e):
+        print(f"  {CONSISTENCY_LABEL}, distilled vs undistilled: "
+              f"{e2e['consistency_psnr'] - e2e['undistilled_consistency_psnr']:+.2f} dB")
     if len(e2es) > 1:
         print(seed_summary(e2es))
     return 0
