@@ -353,15 +353,16 @@ class DistillStage(DistillEvaluation, StageBase):
         if keep is None:  # drawn here, not inside training_loss, so that L_3D knows which samples were dropped
             keep = self.sv3d.cfg_keep_mask(B, dev, generator)  # [B], all ones in eval mode
         keep = keep.to(dev).float()
-        with self.autocast():
+        # A sampler recipe without L_2D needs no one-step prediction in training: skip its UNet pass and backward.
+        need_2d = not (self.training and self.l3d_mode == "sampler" and self.lambda_2d == 0)
+        with self.autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and need_2d):
             l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
                                                     c["azimuths"], c["cond_aug"], generator=generator,
                                                     weighting=self.l2d_weighting, keep=keep)
         terms: dict[str, Tensor] = {"l2d": l2d.detach(), "cfg_dropped": 1.0 - keep.mean()}
         zero = torch.zeros((), device=dev)
-        loss = self.lambda_2d * l2d if use_2d else zero
-        info = {"l2d": self.lambda_2d * l2d if use_2d else zero, "l3d": zero, "kl": zero,
-                "sigma_2d": float(sigma.float().log().mean().exp())}
+        loss = self.lambda_2d * l2d if use_2d and need_2d else zero
+        info = {"l2d": loss, "l3d": zero, "kl": zero, "sigma_2d": float(sigma.float().log().mean().exp())}
         apply_3d = self.lambda_3d > 0 and (not self.training or self.l3d_prob >= 1.0 or
                                            float(torch.rand((), generator=generator)) < self.l3d_prob)
         if apply_3d and self.l3d_mode == "sampler":
