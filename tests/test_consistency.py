@@ -145,7 +145,7 @@ def test_end_to_end_json_and_summary_carry_the_consistency(decoder_ckpt, tmp_pat
     assert "3D consistency (ours, no GT), distilled" in rows[1] and "21.00" in rows[1]
     assert "3D consistency (ours, no GT), distilled vs undistilled: +1.00 dB" in out
     assert ("3D consistency (ours, no GT) over the same seeds: undistilled 20.00 ± 1.00 dB, distilled 20.67 ± 1.04 dB; "
-            "paired gain 0.67 ± 0.29 dB (+1.00, +0.50, +0.50)") in out
+            "paired gain +0.67 dB, 95% CI [-0.05, +1.38] (includes 0) (+1.00, +0.50, +0.50)") in out
 
 
 # ---- per-object sampler noise -------------------------------------------------------------------------------------

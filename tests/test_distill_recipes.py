@@ -141,3 +141,17 @@ def test_sigma_buckets_and_summary():
     s = summarize(rows)
     assert s["buckets"]["l2d"] == {"0.1-1": {"median": 2.0, "n": 1}, "1-10": {"median": 4.0, "n": 1}}
     assert s["buckets"]["l3d"]["0-0.1"]["median"] == 0.4 and s["grad_ratio_3d_2d_median"] == pytest.approx(0.1)
+
+
+def test_paired_t_interval_and_the_study_row():
+    from gsv3d_pl.sweep.paired import paired_t_interval
+    from gsv3d_pl.tools.distill_study import summarize_recipe
+
+    m, lo, hi = paired_t_interval([0.5, 0.6, 0.7])  # sd 0.1: half-width 4.303 · 0.1 / √3
+    assert m == pytest.approx(0.6) and hi - m == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-4) and lo > 0
+    assert paired_t_interval([0.2]) == (0.2, 0.2, 0.2)
+    runs = [{"psnr": 16.0 + g, "undistilled_psnr": 16.0, "consistency_psnr": 14.0, "undistilled_consistency_psnr": 14.1,
+             "wall_s": 60.0 * (i + 1), "grad_ratio": 0.1} for i, g in enumerate((0.5, 0.6, 0.7))]
+    row = summarize_recipe(runs)
+    assert row["psnr"]["gain"] == pytest.approx(0.6) and row["psnr"]["lo"] > 0
+    assert row["consistency"]["gain"] == pytest.approx(-0.1) and row["wall_s"] == 120.0

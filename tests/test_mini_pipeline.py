@@ -116,9 +116,10 @@ def test_demo_table_over_seeds_prints_mean_std_and_the_paired_gain(tmp_path, cap
     assert demo_table.main(["--decoder", str(tmp_path / "dec.json"), "--vae", str(tmp_path / "none.json"),
                             "--e2e", *map(str, files)]) == 0
     out = capsys.readouterr().out
-    # undistilled 16 ± 1, distilled 16.2 ± 0.95, gains +0.1 +0.3 +0.2 -> 0.2 ± 0.1
+    # undistilled 16 ± 1, distilled 16.2 ± 0.95, gains +0.1 +0.3 +0.2 -> 0.2 ± 0.1: t(2) 4.303 · 0.1/√3 = 0.248
     assert "over 3 stage-2 seeds (0, 1, 2): undistilled 16.00 ± 1.00 dB, distilled 16.20 ± 0.95 dB" in out
-    assert "paired gain 0.20 ± 0.10 dB (+0.10, +0.30, +0.20); copy the input image 17.90 dB" in out
+    assert ("paired gain +0.20 dB, 95% CI [-0.05, +0.45] (includes 0) (+0.10, +0.30, +0.20); copy the input image "
+            "17.90 dB") in out
     other = json.loads(files[2].read_text())
     files[2].write_text(json.dumps({**other, "num_objects": 2}))  # not the same objects: no paired comparison
     with pytest.raises(SystemExit, match="e2.json scored 2 objects"):

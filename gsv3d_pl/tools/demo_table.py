@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from gsv3d_pl.metrics.columns import CONSISTENCY_LABEL
+from gsv3d_pl.sweep.paired import paired_t_interval
 
 
 def _read(path: str, what: str) -> dict:
@@ -61,8 +62,16 @@ def _has_consistency(e2e: dict) -> bool:
     return "consistency_psnr" in e2e and "undistilled_consistency_psnr" in e2e
 
 
+def ci(diffs: list[float]) -> str:
+    """``+0.12 dB, 95% CI [+0.05, +0.19]`` (Student t over the seeds), flagged when the interval excludes 0."""
+    m, lo, hi = paired_t_interval(diffs)
+    flag = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+    return f"{m:+.2f} dB, 95% CI [{lo:+.2f}, {hi:+.2f}] ({flag})"
+
+
 def seed_summary(e2es: list[dict]) -> str:
-    """Undistilled / distilled PSNR over stage-2 seeds: mean ± sample std, and the paired gain per seed, beside
+    """Undistilled / distilled PSNR over stage-2 seeds: mean ± sample std, and the paired gain (per seed, and its mean
+    with a 95% t-interval over the seeds), beside
     copying the input image (the same for every seed: it needs no model)."""
     und = [e["undistilled_psnr"] for e in e2es]
     dis = [e["psnr"] for e in e2es]
@@ -70,14 +79,14 @@ def seed_summary(e2es: list[dict]) -> str:
     ms = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"  # noqa: E731
     seeds = ", ".join(str(e.get("seed", "?")) for e in e2es)
     out = (f"  over {len(e2es)} stage-2 seeds ({seeds}): undistilled {ms(und)} dB, distilled {ms(dis)} dB; "
-           f"paired gain {ms(gain)} dB ({', '.join(f'{g:+.2f}' for g in gain)}); copy the input image "
+           f"paired gain {ci(gain)} ({', '.join(f'{g:+.2f}' for g in gain)}); copy the input image "
            f"{e2es[0]['copy_input_psnr']:.2f} dB")
     if all(_has_consistency(e) for e in e2es):
         c_und = [e["undistilled_consistency_psnr"] for e in e2es]
         c_dis = [e["consistency_psnr"] for e in e2es]
         c_gain = [d - u for d, u in zip(c_dis, c_und)]
         out += (f"\n  {CONSISTENCY_LABEL} over the same seeds: undistilled {ms(c_und)} dB, distilled {ms(c_dis)} dB; "
-                f"paired gain {ms(c_gain)} dB ({', '.join(f'{g:+.2f}' for g in c_gain)})")
+                f"paired gain {ci(c_gain)} ({', '.join(f'{g:+.2f}' for g in c_gain)})")
     return out
 
 

@@ -16,29 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from gsv3d_pl.io import write_json_atomic, write_text_atomic
+from gsv3d_pl.sweep.paired import paired_t_interval
 
-__all__ = ["paired_t_interval", "summarize_recipe", "main"]
-
-# two-sided 95% Student-t quantiles by degrees of freedom (seeds − 1)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def paired_t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """(mean, lo, hi): the 95% t-interval of the mean of paired differences (n ≥ 2; lo = hi = mean for n = 1)."""
-    n = len(diffs)
-    m = statistics.fmean(diffs)
-    if n < 2:
-        return m, m, m
-    half = _T95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
-    return m, m - half, m + half
-
+__all__ = ["summarize_recipe", "main"]
 
 def summarize_recipe(runs: list[dict]) -> dict:
     """One recipe's seeds (each: heldout_e2e.json + ``wall_s`` + ``grad_ratio``) -> the study's row."""
