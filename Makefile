@@ -14,7 +14,7 @@ TEST_WORKERS ?= 2
 STAMP       := $(VENV)/.installed
 RUN_STAMP   := $(VENV)/.installed-run
 
-.PHONY: help install demo demo-seeds demo-tiny paper-tiny test test-fast lint bench gpu-check clean
+.PHONY: help install demo demo-seeds distill-study demo-tiny paper-tiny test test-fast lint bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ demo: $(RUN_STAMP) ## the CPU miniature end to end: VAE -> SV3D fine-tune -> dec
 demo-seeds: $(RUN_STAMP) ## after `make demo`: stage 2 again at seeds 1 and 2 side by side (same SV3D and decoder), then the table with distilled vs undistilled as mean ± std over 3 seeds
 	$(PY) -m gsv3d_pl.tools.run_parallel --threads 1 --seeds 1 2 --seed-key model.init_args.e2e_seed configs/distill/mini.yaml
 	$(PY) -m gsv3d_pl.tools.demo_table --e2e runs/distill_mini/heldout_e2e.json runs/distill_mini_seed1/heldout_e2e.json runs/distill_mini_seed2/heldout_e2e.json
+
+distill-study: $(RUN_STAMP) ## after `make demo`: stage 2's named recipes (configs/distill/recipes/) at seeds 0 1 2 on the demo's SV3D and decoder, two at a time -> runs/distill_study/study.md (docs/distillation.md)
+	$(PY) -m gsv3d_pl.tools.distill_study --out runs/distill_study $(sort $(wildcard configs/distill/recipes/*.yaml))
 
 demo-tiny: $(RUN_STAMP) ## the random-encoder smoke pipeline the tests use: decoder (stage 1) -> LoRA distill (stage 2), ~6 min
 	$(VENV)/bin/gsv3d fit --config configs/decoder/tiny.yaml

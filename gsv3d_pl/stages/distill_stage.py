@@ -108,7 +108,9 @@ class DistillStage(DistillEvaluation, StageBase):
         heldout_e2e: at the end of fit, run :func:`~gsv3d_pl.stages.e2e.end_to_end_evaluation` on the test split
             (image -> SV3D with and without the LoRA -> decoder -> novel views, against copying the input image
             and the mean training image) and write ``<run>/heldout_e2e.json``.
-        heldout_max_objects: cap on the held-out objects scored (None = all); e2e_seed: the sampler's seed.
+        heldout_max_objects: cap on the held-out objects scored (None = all); e2e_seed: the evaluation sampler's seed
+            (validation, ``gsv3d test`` and the held-out check): each object starts from noise seeded by (e2e_seed,
+            its uid), the same with the LoRA on and off.
         test_variants: what ``gsv3d test`` scores, in this order, each on every test batch with the same conditioning
             and sampler seed: a non-empty subset of :data:`TEST_VARIANTS` (``undistilled`` = the LoRA off,
             ``distilled`` = on). Each variant's metrics go to metrics.json's ``variants``; the top-level metrics are
