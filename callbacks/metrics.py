@@ -23,6 +23,10 @@ Design:
   variant and write each into ``metrics.json["variants"][name]``, the ``variant`` column of
   ``metrics_per_object.csv`` and one results.md row per variant (:func:`gsv3d_pl.metrics.results.merge_metrics`).
   An output without ``"variants"`` is one model, as before.
+- **Model-free baselines** (:mod:`gsv3d_pl.metrics.baselines`). AppearanceMetrics also scores, in ``test``,
+  "copy the input image" (the batch's ``cond_image`` as every novel view) and "mean training image" (the mean of
+  the datamodule's training views) on the same novel views and GT, once per batch (every variant has the same GT),
+  and writes them to ``metrics.json["baselines"]``: the rows "(no model)" of results.md and of ``gsv3d report``.
 - An object whose prediction has no predicted surface (no rendered pixel with alpha > ``alpha_threshold``) is
   *missed*: GeometryMetrics scores it by :data:`gsv3d_pl.metrics.geometry.MISSED_RULE` (finite, so the means stay
   finite) and counts it in ``meta.num_missed_objects`` / ``meta.missed_objects``.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import math
 import sys
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,6 +46,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gsv3d_pl.batch import BatchError, check_novel_views
+from gsv3d_pl.metrics.baselines import (
+    BASELINE_KEYS,
+    BASELINES,
+    baseline_predictions,
+    summarize_baseline,
+    training_mean_image,
+)
 from gsv3d_pl.metrics.columns import CONSISTENCY_KEYS, GEOMETRY_KEYS, PER_IMAGE_KEYS
 from gsv3d_pl.metrics.geometry import MISSED_RULE, evaluate_geometry, load_normalized_mesh
 from gsv3d_pl.metrics.image import build_image_metrics, image_metric_weight_specs
@@ -170,6 +182,11 @@ class MetricCallback(pl.Callback):
         """{uid: {column key: float}}: this callback's columns of ``metrics_per_object.csv``."""
         return {}
 
+    def baseline_results(self, trainer: pl.Trainer) -> dict[str, dict] | None:
+        """metrics.json's ``baselines`` of this test ({name: {key: stat} | {"skipped": reason}}), or None (this
+        callback scores none). Called on every rank at the end of ``test`` (it may gather across ranks)."""
+        return None
+
     def _update(self, pl_module, outputs, batch) -> None:
         for variant, out in _variant_outputs(outputs).items():
             who = type(self).__name__ + ("" if variant is None else f" (variant {variant!r})")
@@ -200,13 +217,14 @@ class MetricCallback(pl.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         results = self._finish(trainer)
+        baselines = self.baseline_results(trainer)  # collective: every rank, before rank 0 alone writes
         if not (self.write_results and trainer.is_global_zero):
             return
         shared = {"eval_id": _eval_id(trainer), "ckpt_path": trainer.ckpt_path, "config": _config_paths()}
         names = [v for v in results if v is not None]
         for variant, (metrics, meta, records) in results.items():
             merge_metrics(trainer.default_root_dir, metrics, {**meta, **shared}, self.per_object(records),
-                          variant=variant, variants=names or None)
+                          variant=variant, variants=names or None, baselines=baselines)
             rank_zero_info(f"{type(self).__name__}" + ("" if variant is None else f" [{variant}]") + ": " + ", ".join(
                 f"{k}={v['value']:.4f}" for k, v in metrics.items()) + f" -> {trainer.default_root_dir}/metrics.json")
 
@@ -242,6 +260,10 @@ class AppearanceMetrics(MetricCallback):
             standard caches ($TORCH_HOME/hub/checkpoints, the HF cache). See ``gsv3d weights``.
         clip_iqa_model: open_clip model name for CLIP-IQA ("RN50-quickgelu" = OpenAI RN50).
         kid_subset_size, kid_subsets: KID's subset size (capped at the number of views) and count.
+        baselines: the model-free baselines ``test`` scores beside the model, ``copy_input`` and ``mean_image``
+            (:mod:`gsv3d_pl.metrics.baselines`); ``[]`` scores none.
+        baseline_max_objects: the mean training image averages the first this many training objects (dataset
+            order; None = all): a full pass over a large training set at test time buys nothing over 1024 objects.
         on_validation: also compute (and log as ``val/<metric>``) during validation.
         write_results: write metrics.json/csv and results.md at the end of ``test``.
     """
@@ -255,10 +277,21 @@ class AppearanceMetrics(MetricCallback):
         clip_iqa_model: str = "RN50-quickgelu",
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
+        baselines: Sequence[str] = BASELINES,
+        baseline_max_objects: int | None = 1024,
         on_validation: bool = False,
         write_results: bool = True,
     ):
         super().__init__(on_validation, write_results)
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"AppearanceMetrics: unknown baselines {unknown}; choose from {list(BASELINES)}")
+        self.baselines = tuple(dict.fromkeys(baselines))
+        self.baseline_max_objects = baseline_max_objects
+        self._baseline_records: dict[str, dict[str, dict]] = {}  # {baseline: {uid: {key: per-view values [V]}}}
+        self._baseline_skipped: dict[str, str] = {}  # {baseline: why it is not scored}
+        self._mean_image: torch.Tensor | None = None  # [3, H, W], for the test epoch
+        self._train_objects = 0
         self.mode = mode
         self.kwargs = dict(mode=mode, lpips_backbone_path=lpips_backbone_path, inception_path=inception_path,
                            clip_iqa_path=clip_iqa_path, clip_iqa_model=clip_iqa_model,
@@ -269,6 +302,60 @@ class AppearanceMetrics(MetricCallback):
         if stage in ("test", "validate") or self.on_validation:
             if self._metrics is None:  # raises MissingWeightsError listing every missing file, at start
                 self._metrics = build_image_metrics(**self.kwargs, key_prefix="trainer.callbacks[*].init_args.")
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        super().on_test_epoch_start(trainer, pl_module)
+        self._baseline_records, self._baseline_skipped, self._mean_image = {}, {}, None
+        if "mean_image" in self.baselines:
+            try:
+                self._mean_image, self._train_objects = training_mean_image(trainer.datamodule,
+                                                                            self.baseline_max_objects)
+            except Exception as e:  # noqa: BLE001 - a model-free row must never fail a model's test; its row says why
+                self._skip_baseline("mean_image", f"no training images ({type(e).__name__}: {e})")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.baselines:
+            self._update_baselines(pl_module, outputs, batch)
+
+    def _skip_baseline(self, name: str, reason: str) -> None:
+        if name not in self._baseline_skipped:
+            self._baseline_skipped[name] = reason
+            rank_zero_warn(f"AppearanceMetrics: baseline {name!r} not scored: {reason}")
+
+    @torch.no_grad()
+    def _update_baselines(self, pl_module, outputs, batch) -> None:
+        """Score the model-free baselines on this batch's novel views: once, whatever the number of variants (they
+        share the objects, views and GT)."""
+        gt = next(iter(_variant_outputs(outputs).values()))["gt_images"]  # [B, V, 3, H, W]
+        todo = [n for n in self.baselines if n not in self._baseline_skipped]
+        preds, why_not = baseline_predictions(todo, batch, gt, self._mean_image)
+        for name, reason in why_not.items():
+            self._skip_baseline(name, reason)
+        for name, pred in preds.items():  # [B, V, 3, H, W]
+            recs = self._baseline_records.setdefault(name, {})
+            for b, uid in enumerate(_uids(batch, gt.shape[0])):
+                if uid not in recs:
+                    s = self._metrics.per_image(pred[b].to(pl_module.device), gt[b].to(pl_module.device),
+                                                with_clip_iqa=False)
+                    recs[uid] = {k: s[k].double().cpu().numpy() for k in BASELINE_KEYS}
+
+    def baseline_results(self, trainer):
+        if not self.baselines:
+            return None
+        parts = _all_gather((self._baseline_records, self._baseline_skipped, self._train_objects))
+        self._baseline_records, self._mean_image = {}, None
+        out: dict[str, dict] = {}
+        for name in self.baselines:
+            reason = next((p[1][name] for p in parts if name in p[1]), None)
+            recs = _merge_parts([p[0].get(name, {}) for p in parts])
+            if reason is not None or not recs:  # a baseline of some objects only would mislead: all or none
+                out[name] = {"skipped": reason or "no test batch was scored"}
+                continue
+            out[name] = summarize_baseline(recs)
+            if name == "mean_image":
+                out[name]["meta"] = {"train_objects": int(parts[0][2]), "max_objects": self.baseline_max_objects}
+        return out
 
     @torch.no_grad()
     def object_records(self, outputs, batch, device):

@@ -12,10 +12,14 @@ import pytest
 import torch
 import trimesh
 
-from gsv3d_pl.metrics.columns import COLUMNS, CONSISTENCY_COLUMNS, CONSISTENCY_KEYS
+from gsv3d_pl.metrics.baselines import BASELINE_KIND, BASELINE_LABELS
+from gsv3d_pl.metrics.columns import COLUMNS, CONSISTENCY_COLUMN, CONSISTENCY_COLUMNS, CONSISTENCY_KEYS
 from gsv3d_pl.metrics.paper_tables import table1_rows
 from gsv3d_pl.metrics.results import OURS_DISTILLED, OURS_UNDISTILLED, read_per_object_csv
 from gsv3d_pl.orbit import NUM_FRAMES
+from gsv3d_pl.stages.common import gather_views, novel_view_indices
+from gsv3d_pl.stages.e2e import copy_input_scores
+from gsv3d_pl.stages.heldout import mean_training_image, per_image_psnr
 from tests.synthetic import SyntheticDataModule
 from tests.test_distill_stage import decoder_ckpt, lora_params, make_distill  # noqa: F401 (a fixture)
 
@@ -97,14 +101,45 @@ def test_gsv3d_test_of_a_distill_stage_scores_the_lora_off_and_on(decoder_ckpt, 
     assert {(r["metric"], r["variant"]) for r in mrows} == {(k, v) for k in (*KEYS, *CONSISTENCY_KEYS)
                                                             for v in ("undistilled", "distilled")}
 
-    # results.md: the paper's seven rows, then SV3D (ours) and GSV3D (ours) with their numbers, no "this run" row
+    # the model-free baselines, once for both variants, on the same novel views: "copy the input image" is the
+    # held-out check's copy_input_scores; "mean training image" the mean of the (one) training object's views
+    base = data["baselines"]
+    assert list(base) == ["copy_input", "mean_image"]
+    n_views = on["psnr"]["num_views"]
+    for name, part in base.items():
+        assert set(part) >= {"psnr", "ssim", "lpips"} and "skipped" not in part, name
+        assert all(part[k]["num_objects"] == 2 and part[k]["num_views"] == n_views for k in ("psnr", "ssim", "lpips"))
+    c_psnr, c_ssim, _ = copy_input_scores(dm.test_dataloader())
+    assert base["copy_input"]["psnr"]["value"] == pytest.approx(float(c_psnr.mean()), rel=1e-4)
+    assert base["copy_input"]["ssim"]["value"] == pytest.approx(float(c_ssim.mean()), rel=1e-4)
+    mean_img, n_train = mean_training_image(dm.train_dataloader())
+    gts = [gather_views(b["target_images"], novel_view_indices(b["input_indices"], b["target_images"].shape[1]))
+           for b in dm.test_dataloader()]
+    hand = torch.cat([per_image_psnr(mean_img.expand_as(g.flatten(0, 1)), g.flatten(0, 1)) for g in gts]).mean()
+    assert base["mean_image"]["psnr"]["value"] == pytest.approx(float(hand), rel=1e-4)
+    assert base["mean_image"]["meta"]["train_objects"] == n_train == 1
+
+    # results.md: the paper's seven rows, then SV3D (ours) and GSV3D (ours) with their numbers and their 3D
+    # consistency (a last column), then the two model-free rows; no "this run" row
     md = (tmp_path / "run" / "results.md").read_text()
     lines = md.splitlines()
-    assert sum(ln.startswith("| ") and "(paper) |" in ln for ln in lines) == len(table1_rows()) == 7
+    table1 = (*COLUMNS, CONSISTENCY_COLUMN)
+    header = next(ln for ln in lines if ln.startswith("| Type | Method |"))
+    assert [c.strip() for c in header.strip("|").split("|")[2:]] == [c.header(0.05) for c in table1]
+    paper_rows = [ln for ln in lines if ln.startswith("| ") and "(paper) |" in ln]
+    assert len(paper_rows) == len(table1_rows()) == 7 and all(ln.endswith("| – |") for ln in paper_rows)
     ours = [ln for ln in lines if ln.startswith("| ours |")]
     assert [ln.split("|")[2].strip().split(" (SMOKE")[0] for ln in ours] == [OURS_UNDISTILLED, OURS_DISTILLED]
     for ln, part in zip(ours, (off, on)):
-        assert [c.strip() for c in ln.strip("|").split("|")[2:]] == [c.format(part[c.key]["value"]) for c in COLUMNS]
+        assert [c.strip() for c in ln.strip("|").split("|")[2:]] == [c.format(part[c.key]["value"]) for c in table1]
+    free = [ln for ln in lines if ln.startswith(f"| {BASELINE_KIND} |")]
+    assert [ln.split("|")[2].strip().split(" (SMOKE")[0] for ln in free] == [BASELINE_LABELS["copy_input"],
+                                                                             BASELINE_LABELS["mean_image"]]
+    for ln, part in zip(free, base.values()):  # PSNR, SSIM, LPIPS; – for every other column and the consistency
+        cells = [c.strip() for c in ln.strip("|").split("|")[2:]]
+        assert cells == [c.format(part[c.key]["value"]) if c.key in part else "–" for c in table1]
+        assert cells[0] != "–" and cells[-1] == "–"
+    assert lines.index(free[0]) == lines.index(ours[-1]) + 1  # in Table 1, under the rows of ours
     assert "this run" not in md and "n/a" not in md
     assert md.count("missed objects (no rendered pixel") == 2  # one line per variant
 

@@ -273,3 +273,8 @@ def test_gsv3d_test_runs_the_preset_end_to_end(gso_root, object_list, tmp_path):
     assert all(metrics["variants"][v]["chamfer"]["num_objects"] == len(LISTED) for v in metrics["variants"])
     md = (tmp_path / "eval" / "results.md").read_text()
     assert "| ours | SV3D (ours" in md and "| ours | GSV3D (ours" in md and "GSV3D (paper)" in md
+    # the model-free rows: the input image copied is scored on the same views; GSO has no training split (every
+    # object is a test object), so the mean-image row reads "–" and says why
+    assert metrics["baselines"]["copy_input"]["psnr"]["num_views"] == metrics["psnr"]["num_views"]
+    assert metrics["baselines"]["mean_image"]["skipped"].startswith("no training images")
+    assert "| ours, no model | copy the input image (no model)" in md and "mean training image (no model): not scored" in md

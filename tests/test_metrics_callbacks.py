@@ -65,7 +65,7 @@ def _make_object(i: int, root: Path) -> dict:
     return {
         "uid": f"obj{i}", "mesh_path": str(path),
         "norm_center": torch.tensor(offset, dtype=torch.float32), "norm_scale": torch.tensor(scale, dtype=torch.float32),
-        "pred_images": pred, "gt_images": gt,
+        "pred_images": pred, "gt_images": gt, "cond_image": pred[0].clone(),  # the "input image" (not a GT view)
         "pred_alphas": alpha.contiguous(), "pred_depths": depth.contiguous(),
         "eval_c2w": cams.c2w, "eval_K": cams.K,
         "g_means": means, "g_quats": quats, "g_scales": scales, "g_opac": opac, "g_colors": colors,
@@ -177,6 +177,18 @@ def test_callbacks_write_metrics_files(tmp_path):
         assert np.mean([r[k] for r in per_obj.values()]) == pytest.approx(data[k]["value"], rel=1e-9), k
     assert per_obj["obj0"]["chamfer"] == direct[0]["chamfer"] and per_obj["obj1"]["num_views"] == VIEWS
 
+    # the model-free rows: the batch's cond_image copied to every view (by hand here); no datamodule, so no
+    # training images: the mean-image row is there, "–", with the reason
+    objs = [make_object(i, tmp_path) for i in range(2)]
+    hand = np.mean([float(-10 * torch.log10((o["cond_image"].clamp(0, 1)[None] - o["gt_images"]).square()
+                                            .mean(dim=(1, 2, 3))).mean()) for o in objs])
+    assert data["baselines"]["copy_input"]["psnr"]["value"] == pytest.approx(hand, rel=1e-5)
+    assert data["baselines"]["copy_input"]["psnr"]["num_views"] == 2 * VIEWS
+    assert data["baselines"]["mean_image"]["skipped"].startswith("no training images")
+    copy_row = next(line for line in md.splitlines() if line.startswith("| ours, no model | copy the input image"))
+    assert f"| {data['baselines']['copy_input']['psnr']['value']:.3f} |" in copy_row
+    assert "| ours, no model | mean training image (no model)" in md and "mean training image (no model): not scored" in md
+
 
 def test_missed_object_keeps_the_means_finite_and_is_counted(tmp_path):
     """A good and a missed object (nothing rendered): finite means, missed count 1, the rule's values per object."""
@@ -273,6 +285,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     for k in KEYS:
         assert results[2][k]["num_objects"] == results[1][k]["num_objects"] == 3
         assert results[2][k]["value"] == pytest.approx(results[1][k]["value"], rel=1e-5, abs=1e-7), k
+    copy = [results[d]["baselines"]["copy_input"]["psnr"] for d in (1, 2)]  # gathered across ranks, deduplicated
+    assert copy[0]["num_objects"] == copy[1]["num_objects"] == 3
+    assert copy[1]["value"] == pytest.approx(copy[0]["value"], rel=1e-5)
 
 
 class MissesObjects(DecoderStage):

@@ -159,3 +159,46 @@ def test_cli(tmp_path, capsys):
     assert report_tool.main([str(root), "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("row,run,status")
     assert report_tool.main([str(tmp_path / "nope")]) == 2
+
+
+def test_model_free_rows_and_consistency_column(tmp_path):
+    """Table 2 carries the Full row's model-free baselines (mean ± std over its seeds, – where not scored) under the
+    runs, and each row's 3D consistency (ours, no GT) as a last column; both in the CSV too."""
+    from gsv3d_pl.metrics.baselines import BASELINE_LABELS
+    from gsv3d_pl.metrics.columns import CONSISTENCY_COLUMN
+
+    root = make_sweep_dir(tmp_path / "abl", ["no_rgb", "full"], [0, 1])
+    for s in (0, 1):
+        for run, cons in (("no_rgb", 22.0 + s), ("full", 24.0 + 2 * s)):
+            data = metrics_json(19.0 + s, consistency_psnr=cons)
+            if run == "full":  # the model-free rows come from the reference row only
+                data["baselines"] = {
+                    "copy_input": {k: {"value": v, "num_objects": 10, "num_views": 200}
+                                   for k, v in {"psnr": 12.0 + s, "ssim": 0.7, "lpips": 0.3}.items()},
+                    "mean_image": {"skipped": "no training images"} if s else
+                    {"psnr": {"value": 10.5, "num_objects": 10, "num_views": 200}}}
+            put(root, run, s, data)
+    results = collect_results(root)
+    md = format_table(results)
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Method"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [c.header() for c in ABLATION_COLUMNS] + [
+        CONSISTENCY_COLUMN.header()]
+    rows = table_rows(md, paper=True)
+    assert list(rows) == ["w/o RGB loss", "w/o RGB loss (paper)", "Full Model", "Full Model (paper)",
+                          BASELINE_LABELS["copy_input"], BASELINE_LABELS["mean_image"]]
+    assert rows["w/o RGB loss"][-1] == "22.500 ± 0.707" and rows["Full Model"][-1] == "25.000 ± 1.414"
+    assert rows["Full Model (paper)"][-1] == "–"  # the paper has no consistency column
+    copy = rows[BASELINE_LABELS["copy_input"]]
+    assert copy[:3] == ["12.500 ± 0.707", "0.700 ± 0.000", "0.300 ± 0.000"] and set(copy[3:]) == {"–"}
+    mean = rows[BASELINE_LABELS["mean_image"]]
+    assert mean[0] == "10.500" and set(mean[1:]) == {"–"}  # one seed scored it: no std
+    assert "model-free baselines, scored by the Full Model row" in md and "ours, not the paper's" in md
+    out = list(csv.DictReader(io.StringIO(format_table(results, "csv"))))
+    assert [r["run"] for r in out] == ["no_rgb", "full", "full:copy_input", "full:mean_image"]
+    assert float(out[1]["consistency_psnr_mean"]) == 25.0 and float(out[2]["psnr_mean"]) == 12.5
+    assert out[3]["status"] == "partial" and out[3]["num_ok"] == "1"
+    # a decoder-only sweep (no consistency, no baselines): the table is the paper's columns alone
+    plain = make_sweep_dir(tmp_path / "plain", ["full"], [0])
+    put(plain, "full", 0, metrics_json(20.0))
+    md = format_table(collect_results(plain))
+    assert "consistency" not in md and "no model" not in md

@@ -382,14 +382,25 @@ def test_paired_differences_pair_by_uid_within_seed():
     assert diffs == {"a": pytest.approx((-2.0 + -1.0) / 2), "b": -1.0} and seeds == 2
 
 
-def _put_task(root: Path, run: str, seed: int, stage: str, psnr_by_uid: dict[str, float]) -> None:
+def _put_task(root: Path, run: str, seed: int, stage: str, psnr_by_uid: dict[str, float],
+              consistency: float | None = None, copy_psnr: float | None = None) -> None:
+    """A task's metrics.json and per-object CSV; ``consistency`` adds the 3D consistency (ours, no GT: per object
+    the PSNR + this offset), ``copy_psnr`` the model-free baselines (as `gsv3d test` of a distill stage writes)."""
     d = root / run / f"seed{seed}" / stage
     d.mkdir(parents=True, exist_ok=True)
     mean = sum(psnr_by_uid.values()) / len(psnr_by_uid)
-    metrics = {k: {"value": v, "num_objects": len(psnr_by_uid), "num_views": 4}
-               for k, v in {"psnr": mean, "ssim": 0.8, "lpips": 0.1, "fid": 50.0, "kid": 0.2}.items()}
+    values = {"psnr": mean, "ssim": 0.8, "lpips": 0.1, "fid": 50.0, "kid": 0.2}
+    if consistency is not None:
+        values["consistency_psnr"] = mean + consistency
+    metrics: dict = {k: {"value": v, "num_objects": len(psnr_by_uid), "num_views": 4} for k, v in values.items()}
+    if copy_psnr is not None:
+        metrics["baselines"] = {"copy_input": {"psnr": {"value": copy_psnr, "num_objects": 1, "num_views": 4},
+                                               "ssim": {"value": 0.6, "num_objects": 1, "num_views": 4}},
+                                "mean_image": {"psnr": {"value": copy_psnr - 2.0, "num_objects": 1, "num_views": 4}}}
     (d / "metrics.json").write_text(json.dumps(metrics))
-    (d / PER_OBJECT_FILE).write_text(per_object_csv({u: {"psnr": p, "ssim": 0.8} for u, p in psnr_by_uid.items()}))
+    extra = {} if consistency is None else {"consistency_psnr": consistency}
+    (d / PER_OBJECT_FILE).write_text(per_object_csv({u: {"psnr": p, "ssim": 0.8, **{k: p + v for k, v in extra.items()}}
+                                                     for u, p in psnr_by_uid.items()}))
 
 
 def test_report_chained_table_with_paired_comparison(tmp_path, capsys):
@@ -407,10 +418,10 @@ def test_report_chained_table_with_paired_comparison(tmp_path, capsys):
     uids = [f"obj{i:02d}" for i in range(12)]
     for s in (0, 1):
         base = {u: 18.0 + 0.5 * i + 0.1 * s for i, u in enumerate(uids)}
-        _put_task(root, "full", s, "distill", base)
-        _put_task(root, "n4", s, "distill", dict(base))  # identical to Full, object by object
+        _put_task(root, "full", s, "distill", base, consistency=5.0, copy_psnr=12.0 + s)
+        _put_task(root, "n4", s, "distill", dict(base), consistency=5.0)  # identical to Full, object by object
         _put_task(root, "no_rgb", s, "distill", {u: v - 1.0 - 0.05 * (i % 3) for i, (u, v) in
-                                                  enumerate(reversed(list(base.items())))})  # ~1 dB worse
+                                                  enumerate(reversed(list(base.items())))}, consistency=4.0)
     results = collect_results(root)
     comparison = paired_comparison(results)
     assert set(comparison) == {"no_rgb", "n4"}
@@ -423,8 +434,15 @@ def test_report_chained_table_with_paired_comparison(tmp_path, capsys):
     md = format_table(results)
     ours = [ln for ln in md.splitlines() if ln.startswith("| ") and "(paper)" not in ln]
     assert [ln.split("|")[1].strip() for ln in ours] == [
-        "Method", "w/o RGB loss", "N = 4", "Full Model", "Difference", "w/o RGB loss − Full Model",
-        "N = 4 − Full Model"]
+        "Method", "w/o RGB loss", "N = 4", "Full Model", "copy the input image (no model)",
+        "mean training image (no model)", "Difference", "w/o RGB loss − Full Model", "N = 4 − Full Model"]
+    # the model-free rows (Full's seeds) and the 3D consistency (ours, no GT) column of each row
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")[1:]] for ln in ours}
+    assert cells["Method"][-1] == "3D consistency (ours, no GT) PSNR↑"
+    assert cells["copy the input image (no model)"][:3] == ["12.500 ± 0.707", "0.600 ± 0.000", "–"]
+    assert cells["copy the input image (no model)"][-1] == cells["mean training image (no model)"][-1] == "–"
+    assert cells["N = 4"][-1] == cells["Full Model"][-1] and float(cells["Full Model"][-1].split()[0]) > 23
+    assert cells["Difference"][-2] == "Δ3D consistency (ours, no GT) PSNR↑"  # paired, as every per-object column
     assert "| w/o RGB loss (paper) " in md and "| Full Model (paper) " in md  # the paper's row beside ours
     paired_rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
                    for ln in ours[-2:]}

@@ -204,9 +204,10 @@ class ImageMetrics(nn.Module):
         self.kid_subsets = kid_subsets
 
     @torch.no_grad()
-    def per_image(self, pred: Tensor, gt: Tensor) -> dict[str, Tensor]:
+    def per_image(self, pred: Tensor, gt: Tensor, with_clip_iqa: bool = True) -> dict[str, Tensor]:
         """Per-image scores of ``pred`` vs ``gt`` (both [N, 3, H, W] in [0, 1]) -> dict of [N] tensors:
-        "psnr" (dB), "ssim", "lpips", "clip_iqa" (of ``pred``)."""
+        "psnr" (dB), "ssim", "lpips", "clip_iqa" (of ``pred``; left out with ``with_clip_iqa=False``, e.g. for the
+        model-free baselines, whose no-reference quality says nothing about a model)."""
         if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"image metrics: expected pred and gt [N, 3, H, W], got {tuple(pred.shape)}, "
                              f"{tuple(gt.shape)}")
@@ -219,7 +220,10 @@ class ImageMetrics(nn.Module):
         else:
             pred_l, gt_l = pred, gt
         lpips = self.lpips_net(pred_l, gt_l, normalize=True).reshape(-1)
-        return {"psnr": psnr.reshape(-1), "ssim": ssim.reshape(-1), "lpips": lpips, "clip_iqa": self.clip_iqa(pred)}
+        out = {"psnr": psnr.reshape(-1), "ssim": ssim.reshape(-1), "lpips": lpips}
+        if with_clip_iqa:
+            out["clip_iqa"] = self.clip_iqa(pred)
+        return out
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:

@@ -20,6 +20,12 @@ per variant), metrics.json has ``consistency_psnr`` / ``consistency_ssim`` ({"va
 ``num_views`` counts the scored orbit frames), metrics.csv and metrics_per_object.csv carry them, and results.md
 prints them in a table of their own under Table 1 (the paper has no such column): one row per row of ours.
 
+**Model-free baselines** (:mod:`gsv3d_pl.metrics.baselines`): ``"baselines": {"copy_input": {"psnr": {...},
+"ssim": {...}, "lpips": {...}}, "mean_image": {..., "meta": {"train_objects": int, ...}}}`` (or ``{"skipped":
+reason}``), scored by AppearanceMetrics on the same novel views as the model; results.md prints them as Table 1's
+rows "copy the input image (no model)" and "mean training image (no model)", Type "ours, no model". When a row of
+ours has the 3D consistency, Table 1 also gets its PSNR as a last column (–: the paper's rows, the model-free rows).
+
 ``metrics_per_object.csv`` has one row per object (``uid`` first), every per-object column
 (:data:`~gsv3d_pl.metrics.columns.PER_OBJECT_KEYS`: the per-image means and the geometry scores; FID and KID are
 statistics of the whole set and have no per-object value) and the geometry details (``missed``, ``precision``,
@@ -41,8 +47,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gsv3d_pl.io import write_json_atomic, write_text_atomic
+from gsv3d_pl.metrics.baselines import BASELINE_KIND, BASELINE_LABELS, BASELINES
 from gsv3d_pl.metrics.columns import (
     COLUMNS,
+    CONSISTENCY_COLUMN,
     CONSISTENCY_COLUMNS,
     CONSISTENCY_LABEL,
     METRIC_KEYS,
@@ -92,8 +100,20 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _run_cells(data: Mapping) -> list[str]:
-    return [c.format((data.get(c.key) or {}).get("value")) for c in COLUMNS]
+def _run_cells(data: Mapping, columns: Sequence = COLUMNS) -> list[str]:
+    return [c.format((data.get(c.key) or {}).get("value")) for c in columns]
+
+
+def _baseline_lines(baselines: Mapping, columns: Sequence, note: str) -> tuple[list[str], list[str]]:
+    """Table 1's model-free rows (:data:`BASELINES` order; "–" in every column they are not scored in) and a line
+    for each one that was skipped, with why."""
+    rows, skipped = [], []
+    for name in (*[b for b in BASELINES if b in baselines], *[b for b in baselines if b not in BASELINES]):
+        label = BASELINE_LABELS.get(name, f"{name} (no model)")
+        rows.append(_row([BASELINE_KIND, label + note, *_run_cells(baselines[name], columns)]))
+        if "skipped" in baselines[name]:
+            skipped.append(f"{label}: not scored: {baselines[name]['skipped']}.")
+    return rows, skipped
 
 
 def _missed_line(meta: Mapping, label: str | None = None) -> str | None:
@@ -144,19 +164,32 @@ def results_markdown(data: dict, ours: Mapping[str, dict] | None = None) -> str:
     order = [v for v in meta.get("test_variants", []) if v in variants] + \
         [v for v in variants if v not in meta.get("test_variants", [])]
     labels = {v: VARIANT_LABELS.get(v, f"ours ({v})") + smoke_note for v in order}
+    model_rows = [*(ours or {}).values(), *(variants[v] for v in order), *([] if order else [data])]
+    # the 3D consistency beside the other columns of each row of ours (when one has it): it is no column of the
+    # paper's, so the paper's and the model-free rows read "–" there
+    columns = (*COLUMNS, *((CONSISTENCY_COLUMN,) if any(CONSISTENCY_COLUMN.key in d for d in model_rows) else ()))
     lines = ["# Results", "", f"The paper's rows: {CITATION}, Table 1, as published (its protocol and test set, "
              "Google Scanned Objects). The rows of ours are measured on this evaluation's objects.", ""]
-    lines.append(_row(["Type", "Method", *(c.header(tau) for c in COLUMNS)]))
-    lines.append("|" + "---|" * (len(COLUMNS) + 2))
+    lines.append(_row(["Type", "Method", *(c.header(tau) for c in columns)]))
+    lines.append("|" + "---|" * (len(columns) + 2))
     for r in table1_rows():
         # .get: a column added for a metric of one's own (docs/extending.md) has no paper value ("–")
-        lines.append(_row([r.kind, f"{r.name} (paper)", *(c.format(r.values.get(c.key)) for c in COLUMNS)]))
+        lines.append(_row([r.kind, f"{r.name} (paper)", *(c.format(r.values.get(c.key)) for c in columns)]))
     for label, other in (ours or {}).items():
-        lines.append(_row(["ours", label, *_run_cells(other)]))
+        lines.append(_row(["ours", label, *_run_cells(other, columns)]))
     for v in order:
-        lines.append(_row(["ours", labels[v], *_run_cells(variants[v])]))
+        lines.append(_row(["ours", labels[v], *_run_cells(variants[v], columns)]))
     if not order:
-        lines.append(_row(["ours", run_label, *_run_cells(data)]))
+        lines.append(_row(["ours", run_label, *_run_cells(data, columns)]))
+    baseline_rows, skipped = _baseline_lines(data.get("baselines") or {}, columns, smoke_note)
+    lines += baseline_rows
+    if baseline_rows:
+        lines += ["", f"Rows \"{BASELINE_KIND}\": no model at all, scored on the same novel views and ground truth "
+                  "as the rows of ours: every novel view predicted by the input image (`cond_image`) or by the "
+                  "per-pixel mean of the training views (PSNR, SSIM, LPIPS only). A row of ours below them has "
+                  "learned nothing about the object's unseen sides.", *skipped]
+    if len(columns) > len(COLUMNS):
+        lines += ["", f"Last column: {CONSISTENCY_LABEL}, PSNR (dB) of each row of ours; see the table below."]
 
     # no smoke note there: PSNR and SSIM need no metric network
     lines += _consistency_table([*(ours or {}).items(),
@@ -281,7 +314,7 @@ def read_per_object_csv(path: str | os.PathLike, variant: str | None = None) -> 
 
 def merge_metrics(run_dir: str | os.PathLike, metrics: dict[str, dict], meta: dict,
                   per_object: Mapping[str, Mapping[str, float]] | None = None, variant: str | None = None,
-                  variants: Sequence[str] | None = None) -> dict:
+                  variants: Sequence[str] | None = None, baselines: Mapping[str, dict] | None = None) -> dict:
     """Merge ``metrics`` ({key: {"value", "num_objects", "num_views"}}), ``meta`` and ``per_object``
     ({uid: {key: value}}) into ``run_dir/metrics.json`` and ``run_dir/metrics_per_object.csv``, and rewrite
     metrics.csv and results.md. Files from another evaluation (different ``meta["eval_id"]``) are replaced, not
@@ -289,7 +322,10 @@ def merge_metrics(run_dir: str | os.PathLike, metrics: dict[str, dict], meta: di
 
     ``variant``: these numbers are that variant's, one of ``variants`` (every variant of the evaluation, in order;
     default just this one): they go to ``data["variants"][variant]`` (``meta`` but its shared keys eval_id,
-    ckpt_path, config, smoke to its ``"meta"``), and the top level mirrors :func:`primary_variant`'s."""
+    ckpt_path, config, smoke to its ``"meta"``), and the top level mirrors :func:`primary_variant`'s.
+
+    ``baselines``: the model-free baselines of the evaluation (:mod:`gsv3d_pl.metrics.baselines`), written to
+    ``data["baselines"]`` (one per evaluation, whatever the variant; None leaves what is there)."""
     run_dir = Path(run_dir)
     path, obj_path = run_dir / "metrics.json", run_dir / PER_OBJECT_FILE
     data: dict = {}
@@ -325,6 +361,8 @@ def merge_metrics(run_dir: str | os.PathLike, metrics: dict[str, dict], meta: di
             data.update({k: v for k, v in top.items() if k != "meta"})
             data["meta"].update(top["meta"])
     data["meta"]["smoke"] = smoke
+    if baselines is not None:
+        data["baselines"] = dict(baselines)
     ordered = {k: data[k] for k in METRIC_KEYS if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered and k != "meta"})
     ordered["meta"] = data["meta"]

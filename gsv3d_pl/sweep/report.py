@@ -8,6 +8,12 @@ is printed as ``<label> (paper)``. Under the table, each row is compared with th
 (:mod:`gsv3d_pl.sweep.paired`: mean per-object difference and its bootstrap 95% interval, from the
 ``metrics_per_object.csv`` files).
 
+Beside the paper's columns, a last column "3D consistency (ours, no GT) PSNR" (each row's ``consistency_psnr``: the
+top level of its metrics.json, i.e. the distilled variant's; present when some row has it), and under the runs the
+model-free rows of :mod:`gsv3d_pl.metrics.baselines`, "copy the input image (no model)" and "mean training image
+(no model)": the ``baselines`` of the reference (Full) run's metrics.json, ``mean ± std`` over its seeds, scored on
+its test views (PSNR, SSIM, LPIPS; "–" elsewhere). Rows below them have learned nothing about the unseen sides.
+
 A chained sweep's task is scored by its result stage (the last stage with ``test: true``, e.g. ``distill``: image
 -> SV3D with LoRA -> decoder, end to end); the manifest names it and each task's result folder. Stages a run shares
 with another run's identical one (:mod:`gsv3d_pl.sweep.dedupe`) are read from that run's folder, and listed under
@@ -24,9 +30,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from gsv3d_pl.metrics.columns import ABLATION_COLUMNS, PER_OBJECT_KEYS, Column
+from gsv3d_pl.metrics.baselines import BASELINE_KEYS, BASELINE_LABELS, BASELINES
+from gsv3d_pl.metrics.columns import ABLATION_COLUMNS, CONSISTENCY_COLUMN, PER_OBJECT_KEYS, Column
 from gsv3d_pl.metrics.paper_tables import CITATION, table2_row
 from gsv3d_pl.metrics.results import PER_OBJECT_FILE, read_per_object_csv
 from gsv3d_pl.sweep.dedupe import SharedStage
@@ -36,7 +42,10 @@ from gsv3d_pl.sweep.spec import ABLATION_LABELS, MANIFEST, SweepError
 __all__ = ["RunResult", "collect_results", "format_table", "paired_comparison", "PAIRED_COLUMNS"]
 
 # The columns with a value per object (FID and KID are statistics of the whole set of views): the paired comparison.
-PAIRED_COLUMNS: tuple[Column, ...] = tuple(c for c in ABLATION_COLUMNS if c.key in PER_OBJECT_KEYS)
+# The 3D consistency last (ours, no GT): shown only when some row has it.
+PAIRED_COLUMNS: tuple[Column, ...] = (*(c for c in ABLATION_COLUMNS if c.key in PER_OBJECT_KEYS), CONSISTENCY_COLUMN)
+# The table's columns a run's metrics.json is read for: the paper's, then the consistency (a distill stage's).
+_READ_COLUMNS: tuple[Column, ...] = (*ABLATION_COLUMNS, CONSISTENCY_COLUMN)
 
 
 @dataclass
@@ -44,7 +53,8 @@ class RunResult:
     """One run's row: per-seed status (``ok`` | ``missing`` | ``running`` | ``failed`` | ``invalid``), the
     metric values of the ``ok`` seeds, and for each ``ok`` seed the folder its metrics came from (where the
     per-object CSV is). ``stage``: the chained sweep's stage that scored it (None: a single-stage sweep).
-    ``shared``: its stages that are another run's identical ones (trained once, in that run's folder)."""
+    ``shared``: its stages that are another run's identical ones (trained once, in that run's folder).
+    ``baselines``: the model-free baselines its ``ok`` seeds scored, {name: {metric key: [value per seed]}}."""
 
     name: str
     label: str
@@ -54,25 +64,44 @@ class RunResult:
     result_dirs: dict[int, Path] = field(default_factory=dict)
     stage: str | None = None
     shared: list[SharedStage] = field(default_factory=list)
+    baselines: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def num_ok(self) -> int:
         return sum(s == "ok" for s in self.seeds.values())
 
 
-def _read_metrics(path: Path) -> dict[str, float | None]:
+def _read_baselines(data: dict) -> dict[str, dict[str, float]]:
+    """{baseline: {key: value}} of a metrics.json's ``baselines`` (skipped ones and non-finite values left out: a
+    model-free row must not make a run's row invalid)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, part in (data.get("baselines") or {}).items():
+        if not isinstance(part, dict):
+            continue
+        for key in BASELINE_KEYS:
+            value = (part.get(key) or {}).get("value") if isinstance(part.get(key), dict) else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out.setdefault(name, {})[key] = float(value)
+    return out
+
+
+def _read_metrics(path: Path) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+    """(the table's values, the model-free baselines) of a metrics.json. The values are its top level: a distill
+    stage's test mirrors its distilled variant there (:func:`gsv3d_pl.metrics.results.primary_variant`)."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     out: dict[str, float | None] = {}
-    for key in (c.key for c in ABLATION_COLUMNS):
+    for key in (c.key for c in _READ_COLUMNS):
         entry = data.get(key)
         value = entry.get("value") if isinstance(entry, dict) else entry
         if value is None or (isinstance(value, (int, float)) and math.isfinite(value)):
             out[key] = None if value is None else float(value)
+        elif key == CONSISTENCY_COLUMN.key:  # ours, beside the paper's columns: not worth invalidating the row
+            out[key] = None
         else:
             raise ValueError(f"{key}.value is {value!r}, expected a finite number")
-    return out
+    return out, _read_baselines(data)
 
 
 def _relocate(sweep_dir: Path, recorded: str | None, run: str, seed: int, tail: str = "") -> Path:
@@ -161,7 +190,7 @@ def _collect_task(res: RunResult, seed: int, run_dir: Path, result_dir: Path, st
     failed = next((d for d in stage_dirs if (d / "FAILED").is_file()), None)
     if metrics.is_file():
         try:
-            values = _read_metrics(metrics)
+            values, baselines = _read_metrics(metrics)
         except (ValueError, OSError) as e:
             res.seeds[seed] = "invalid"
             res.notes.append(f"seed {seed}: {metrics}: {e}")
@@ -171,6 +200,9 @@ def _collect_task(res: RunResult, seed: int, run_dir: Path, result_dir: Path, st
         for key, v in values.items():
             if v is not None:
                 res.values.setdefault(key, []).append(v)
+        for name, part in baselines.items():
+            for key, v in part.items():
+                res.baselines.setdefault(name, {}).setdefault(key, []).append(v)
     elif failed is not None:
         res.seeds[seed] = "failed"
         reason = (failed / "FAILED").read_text().strip()
@@ -244,58 +276,98 @@ def _status_word(res: RunResult) -> str:
     return "missing"
 
 
+def _columns(results: Sequence[RunResult]) -> tuple[Column, ...]:
+    """The table's columns: the paper's, and the 3D consistency when some run has it (a decoder-only sweep has not)."""
+    has_consistency = any(r.values.get(CONSISTENCY_COLUMN.key) for r in results)
+    return (*ABLATION_COLUMNS, *((CONSISTENCY_COLUMN,) if has_consistency else ()))
+
+
+def _cell(col: Column, vals: Sequence[float] | None, missing: str = "n/a") -> str:
+    """``mean ± sample std`` of the seeds' values (std only with ≥ 2 seeds); ``missing`` without values."""
+    if not vals:
+        return missing
+    mean, std = _mean_std(vals)
+    return col.format(mean) + ("" if std is None else f" ± {col.format(std)}")
+
+
+def _baseline_rows(results: Sequence[RunResult], columns: Sequence[Column], reference: str
+                   ) -> tuple[list[list[str]], RunResult | None]:
+    """The model-free rows (from the ``reference`` run's seeds; "–" in the columns a baseline is not scored in) and
+    that run; no rows when it scored none."""
+    ref = next((r for r in results if r.name == reference), None)
+    if ref is None or not ref.baselines:
+        return [], ref
+    names = [b for b in BASELINES if b in ref.baselines] + [b for b in ref.baselines if b not in BASELINES]
+    rows = [[BASELINE_LABELS.get(n, f"{n} (no model)"),
+             *(_cell(c, ref.baselines[n].get(c.key), "–") for c in columns)] for n in names]
+    return rows, ref
+
+
 def format_table(results: Sequence[RunResult], fmt: str = "md", paper: bool = True, paired: bool = True,
                  reference: str = "full", num_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
     """The ablation table. ``md``: one row per run, ``mean ± std`` over the seeds with numbers (std only with
     ≥ 2 seeds), ``(k/n seeds)`` when some are missing, a status word when none has numbers, then notes naming
     every missing/failed seed; with ``paper``, the paper's Table 2 row under each run that has one (``–`` for the
-    columns Table 2 does not report); with ``paired``, a second table comparing each run with ``reference`` object
-    by object (:func:`paired_comparison`). ``csv``: machine-readable, one row per run with ``<metric>_mean``,
-    ``<metric>_std``, ``num_ok``, ``num_seeds`` and ``status`` columns."""
+    columns Table 2 does not report); the model-free rows of the ``reference`` run under all runs (module
+    docstring); with ``paired``, a second table comparing each run with ``reference`` object by object
+    (:func:`paired_comparison`). ``csv``: machine-readable, one row per run with ``<metric>_mean``,
+    ``<metric>_std`` (the consistency's too, empty without it), ``num_ok``, ``num_seeds`` and ``status`` columns,
+    then one row per model-free baseline (``run`` = ``<reference>:<baseline>``)."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         header = ["row", "run", "status", "num_ok", "num_seeds"]
-        for col in ABLATION_COLUMNS:
+        for col in _READ_COLUMNS:
             header += [f"{col.key}_mean", f"{col.key}_std"]
         writer.writerow(header)
-        for res in results:
-            status = "ok" if res.num_ok == len(res.seeds) else (_status_word(res) if not res.num_ok else "partial")
-            row: list[Any] = [res.label, res.name, status, res.num_ok, len(res.seeds)]
-            for col in ABLATION_COLUMNS:
-                vals = res.values.get(col.key)
+
+        def stats(values: dict[str, list[float]]) -> list[str]:
+            cells: list[str] = []
+            for col in _READ_COLUMNS:
+                vals = values.get(col.key)
                 if vals:
                     mean, std = _mean_std(vals)
-                    row += [repr(mean), "" if std is None else repr(std)]
+                    cells += [repr(mean), "" if std is None else repr(std)]
                 else:
-                    row += ["", ""]
-            writer.writerow(row)
+                    cells += ["", ""]
+            return cells
+
+        for res in results:
+            status = "ok" if res.num_ok == len(res.seeds) else (_status_word(res) if not res.num_ok else "partial")
+            writer.writerow([res.label, res.name, status, res.num_ok, len(res.seeds), *stats(res.values)])
+        ref = next((r for r in results if r.name == reference), None)
+        for name, values in (ref.baselines.items() if ref is not None else ()):
+            n = max((len(v) for v in values.values()), default=0)
+            writer.writerow([BASELINE_LABELS.get(name, name), f"{reference}:{name}", "ok" if n == len(ref.seeds)
+                             else "partial", n, len(ref.seeds), *stats(values)])
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}: use 'md' or 'csv'")
 
-    header = ["Method", *(c.header() for c in ABLATION_COLUMNS)]
+    columns = _columns(results)
+    header = ["Method", *(c.header() for c in columns)]
     rows = []
     for res in results:
         if not res.num_ok:
-            rows.append([res.label, *([_status_word(res)] * len(ABLATION_COLUMNS))])
+            rows.append([res.label, *([_status_word(res)] * len(columns))])
             continue
         partial = f" ({res.num_ok}/{len(res.seeds)} seeds)" if res.num_ok < len(res.seeds) else ""
-        row = [res.label + partial]
-        for col in ABLATION_COLUMNS:
-            vals = res.values.get(col.key)
-            if not vals:
-                row.append("n/a")
-                continue
-            mean, std = _mean_std(vals)
-            row.append(col.format(mean) + ("" if std is None else f" ± {col.format(std)}"))
-        rows.append(row)
+        rows.append([res.label + partial, *(_cell(c, res.values.get(c.key)) for c in columns)])
     if paper:
-        rows = _with_paper_rows(results, rows)
-    out = _markdown(header, rows)
+        rows = _with_paper_rows(results, rows, columns)
+    baseline_rows, ref = _baseline_rows(results, columns, reference)
+    out = _markdown(header, rows + baseline_rows)
     seeds = sorted({len(r.seeds) for r in results})
     out.append("")
     out.append(f"mean ± sample std over {'/'.join(map(str, seeds))} seed(s); n/a: metric not computed.")
+    if CONSISTENCY_COLUMN in columns:
+        out.append(f"{CONSISTENCY_COLUMN.header()}: ours, not the paper's: the decoder's renders against the generated "
+                   "orbit frames it did not read (no ground truth; the distilled model's; docs/evaluation.md).")
+    if baseline_rows:
+        out.append(f"The rows \"(no model)\" are model-free baselines, scored by the {ref.label} row's `gsv3d test` "
+                   f"on its test views (mean ± std over its seeds; PSNR, SSIM, LPIPS only, – elsewhere): every novel "
+                   "view predicted by the input image or by the mean training image. Rows with another N score other "
+                   "novel views.")
     stages = sorted({r.stage for r in results if r.stage})
     if stages:
         out.append(f"Every row is scored by `gsv3d test` of the chain's stage {', '.join(stages)} "
@@ -337,14 +409,17 @@ def _paired_section(results: Sequence[RunResult], reference: str, num_resamples:
     if not comparison:
         return []
     ref_label = next(r.label for r in results if r.name == reference)
-    header = ["Difference", *(f"Δ{c.header()}" for c in PAIRED_COLUMNS), "objects × seeds"]
+    # the paper's columns always (n/a: a CSV without them), the consistency only where some row has it
+    cols = [c for c in PAIRED_COLUMNS if c is not CONSISTENCY_COLUMN
+            or any(d.get(c.key) is not None for d in comparison.values())]
+    header = ["Difference", *(f"Δ{c.header()}" for c in cols), "objects × seeds"]
     rows = []
     for res in results:
         if res.name not in comparison:
             continue
         diffs = comparison[res.name]
         cells = []
-        for col in PAIRED_COLUMNS:
+        for col in cols:
             d = diffs.get(col.key)
             cells.append("n/a" if d is None else f"{_format_diff(col, d.mean)} [{_format_diff(col, d.lo)}, "
                          f"{_format_diff(col, d.hi)}]{'*' if d.excludes_zero else ''}")
@@ -358,7 +433,8 @@ def _paired_section(results: Sequence[RunResult], reference: str, num_resamples:
             "", *_markdown(header, rows)]
 
 
-def _with_paper_rows(results: Sequence[RunResult], rows: list[list[str]]) -> list[list[str]]:
+def _with_paper_rows(results: Sequence[RunResult], rows: list[list[str]],
+                     columns: Sequence[Column] = ABLATION_COLUMNS) -> list[list[str]]:
     """``rows`` (one per run, in ``results``' order) with the paper's Table 2 row after each run that has one."""
     out = []
     for res, row in zip(results, rows, strict=True):
@@ -366,5 +442,5 @@ def _with_paper_rows(results: Sequence[RunResult], rows: list[list[str]]) -> lis
         ref = table2_row(res.name)
         if ref is not None:
             out.append([f"{res.label} (paper)",
-                        *(c.format(ref.values[c.key]) if c.key in ref.values else "–" for c in ABLATION_COLUMNS)])
+                        *(c.format(ref.values[c.key]) if c.key in ref.values else "–" for c in columns)])
     return out
