@@ -541,15 +541,18 @@ def test_tiny_chain_end_to_end(tmp_path, monkeypatch):
         assert 0.0 < float(rows[label][0]) < 100.0, (label, rows[label])  # one seed: a plain PSNR
         assert f"{label} (paper)" in rows
     assert "w/o RGB loss − Full Model" in rows and "stage distill" in md
+    # w/o RGB changes only stage 2: its decoder is Full's, trained once in Full's folder (identical resolved config)
+    full_dec = out / "full" / "seed0" / "decoder"
+    assert (full_dec / "fit.done").exists() and not (full_dec / "test.done").exists()
+    assert not (out / "no_rgb" / "seed0" / "decoder" / "fit.done").exists()
     for run in ("no_rgb", "full"):
         task = out / run / "seed0"
-        assert (task / "decoder" / "fit.done").exists() and not (task / "decoder" / "test.done").exists()
         metrics = json.loads((task / "distill" / "metrics.json").read_text())
-        # scored end to end: `gsv3d test` of this task's distill checkpoint, whose frozen decoder is its own stage 1
+        # scored end to end: `gsv3d test` of this task's distill checkpoint
         assert Path(metrics["meta"]["ckpt_path"]).parent == task / "distill" / "checkpoints"
         assert "distill" in str(metrics["meta"].get("config"))  # the distill config, not the decoder's
         with open(task / "distill" / PER_OBJECT_FILE, newline="") as fh:
             assert len(list(csv.DictReader(fh))) >= 1
     saved = sorted((out / "no_rgb" / "seed0" / "distill").glob("csv/*/config.yaml"))[0].read_text()
-    assert "lambda_rgb: 0.0" in saved and f"{out / 'no_rgb' / 'seed0' / 'decoder'}/checkpoints/last.ckpt" in saved
+    assert "lambda_rgb: 0.0" in saved and f"{full_dec}/checkpoints/last.ckpt" in saved
     print(f"2-row tiny chain end to end: {elapsed:.0f} s")
