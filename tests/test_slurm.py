@@ -363,8 +363,10 @@ def test_ablations_tiny_sweep_end_to_end(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     table = proc.stdout.split("Paired comparison")[0]  # the main table (the paired one follows it)
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
-            for ln in table.splitlines() if ln.startswith("| ") and "Method" not in ln and "(paper)" not in ln}
+            for ln in table.splitlines() if ln.startswith("| ") and "Method" not in ln and "(paper)" not in ln
+            and "(no model)" not in ln}
     assert list(rows) == ["w/o RGB loss", "Full Model"], proc.stdout
+    assert "| copy the input image (no model)" in table and "| mean training image (no model)" in table
     for label, cells in rows.items():
         psnr = float(cells[0])  # one seed: a plain number
         assert 0.0 < psnr < 100.0, (label, cells)
