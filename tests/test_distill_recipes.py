@@ -13,7 +13,10 @@ import torch
 from gsv3d_pl.stages.distill_diagnostics import sigma_bucket, summarize
 from gsv3d_pl.stages.distill_terms import min_snr_weight
 from tests.synthetic import SyntheticDataModule, collate, synthetic_sample
-from tests.test_distill_stage import decoder_ckpt, lora_params, make_distill  # noqa: F401 (fixture)
+from tests.test_distill_stage import decoder_ckpt as _decoder_ckpt_fixture
+from tests.test_distill_stage import lora_params, make_distill
+
+decoder_ckpt = _decoder_ckpt_fixture  # the module-scoped stage-1 checkpoint fixture, shared
 
 
 def batch():
