@@ -3,6 +3,7 @@ and the gradient diagnostics."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
@@ -41,9 +42,8 @@ def test_draft_gradients_reach_the_lora_and_stop_at_the_truncation(decoder_ckpt,
     stage.train()
     calls = grad_calls(stage)
     loss, terms = stage.distill_losses(batch(), generator=torch.Generator().manual_seed(0), use_2d=False)
-    # one UNet call per step for L_2D's prediction (no grad needed for it here, but it runs), then S sampler steps
-    sampler_calls = calls[-S:]
-    assert sampler_calls == [False] * (S - K) + [True] * K, calls
+    # the S sampler steps only: without L_2D in the loss, its one-step prediction (logged only) is skipped
+    assert calls == [False] * (S - K) + [True] * K, calls
     loss.backward()
     grads = [p.grad for p in lora_params(stage).values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -110,7 +110,9 @@ def test_l3d_own_sigma_and_min_snr_change_l3d_only(decoder_ckpt):
 @pytest.mark.parametrize("kw,key", [({"l3d_mode": "draft"}, "l3d_mode"), ({"l3d_prob": 1.5}, "l3d_prob"),
                                     ({"sampler_steps": 3, "sampler_grad_steps": 4}, "sampler_grad_steps"),
                                     ({"l3d_p_mean": 0.0}, "l3d_p_mean"), ({"lambda_2d": -1.0}, "lambda_2d"),
-                                    ({"l3d_min_snr_gamma": 0.0}, "l3d_min_snr_gamma")])
+                                    ({"l3d_min_snr_gamma": 0.0}, "l3d_min_snr_gamma"),
+                                    ({"lora_sigma_max": 2.5}, "lora_sigma_max"),  # one_step: no sampler to gate
+                                    ({"l3d_mode": "sampler", "lambda_2d": 0.0, "lora_sigma_max": -1.0}, "sigma_max")])
 def test_bad_recipe_keys_name_the_key(decoder_ckpt, kw, key):
     with pytest.raises(ValueError, match=key):
         make_distill(decoder_ckpt, **kw)
@@ -158,3 +160,37 @@ def test_paired_t_interval_and_the_study_row():
     row = summarize_recipe(runs)
     assert row["psnr"]["gain"] == pytest.approx(0.6) and row["psnr"]["lo"] > 0
     assert row["consistency"]["gain"] == pytest.approx(-0.1) and row["wall_s"] == 120.0
+
+
+def test_lora_sigma_gate_applies_the_adapter_only_at_low_sigma(decoder_ckpt, tmp_path):
+    """``lora_sigma_max``: the sampler runs the base model above it, the LoRA at and below it; DRaFT's gradient
+    still reaches the LoRA through the gated steps, and the exported adapter records the gate."""
+    def stage_with(gate):
+        s = make_distill(decoder_ckpt, l3d_mode="sampler", sampler_steps=3, sampler_grad_steps=2, lambda_2d=0.0,
+                         lora_sigma_max=gate)
+        with torch.no_grad():
+            for n, p in lora_params(s).items():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        return s
+
+    def orbit(s, off=False):
+        from gsv3d_pl.stages.e2e import adapters_disabled
+        c = s.conditioning(batch())
+        args = (c["clip_emb"], c["cond_latent"], c["polars"], c["azimuths"], c["cond_aug"])
+        with torch.no_grad(), (adapters_disabled(s.sv3d.unet) if off else contextlib.nullcontext()):
+            return s.sv3d.sample(*args, num_steps=3, generator=torch.Generator().manual_seed(3), progress=False)
+
+    ungated, base = orbit(stage_with(None)), orbit(stage_with(None), off=True)
+    torch.testing.assert_close(orbit(stage_with(1e4)), ungated)  # above σ_max: every step
+    torch.testing.assert_close(orbit(stage_with(1e-4)), base)  # below σ_min: no step
+    mid = stage_with(10.0)  # the 3-step Karras schedule: 700, ~3.4, 0.002
+    gated = orbit(mid)
+    assert (gated - ungated).abs().max() > 1e-4 and (gated - base).abs().max() > 1e-4
+    mid.train()
+    loss, _ = mid.distill_losses(batch(), generator=torch.Generator().manual_seed(0), use_2d=False)
+    loss.backward()
+    grads = [p.grad for p in lora_params(mid).values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    out = mid.export_lora(tmp_path / "lora")
+    assert json.load(open(f"{out}/gsv3d_lora.json")) == {"sigma_max": 10.0}

@@ -24,6 +24,7 @@ unscaled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from gsv3d_pl.hub import hub_path
 from gsv3d_pl.models.edm import EDMPreconditioner, triangle_cfg_scales  # noqa: F401  (re-exported)
 from gsv3d_pl.models.encoders import tiny_init_seed
+from gsv3d_pl.models.lora_fold import lora_folded, lora_off
 from gsv3d_pl.orbit import NUM_FRAMES
 from gsv3d_pl.weights import HubFile, WeightSpec, require_files, resolve
 
@@ -298,14 +300,22 @@ class SV3D(nn.Module):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.num_steps = int(num_steps)
         self.min_cfg, self.max_cfg = float(min_cfg), float(max_cfg)
+        self.lora_sigma_max: float | None = None  # add_lora(sigma_max=): the sampler's steps the adapter acts on
 
     # ------------------------------------------------------------------ LoRA
 
     def add_lora(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
-                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES, adapter_name: str = "default") -> int:
+                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES, adapter_name: str = "default",
+                 sigma_max: float | None = None) -> int:
         """Freeze the UNet and add a peft LoRA adapter (rank ``rank``, scale alpha/rank, alpha default = rank)
-        on the spatial and temporal attention projections. Returns the number of trainable parameters."""
+        on the spatial and temporal attention projections. Returns the number of trainable parameters.
+
+        ``sigma_max``: if set, :meth:`sample` applies the adapter only on steps with σ ≤ it (the base model above)."""
         from peft import LoraConfig
+
+        if sigma_max is not None and not sigma_max > 0:
+            raise ValueError(f"SV3D.add_lora: sigma_max must be > 0 or None, got {sigma_max}")
+        self.lora_sigma_max = None if sigma_max is None else float(sigma_max)
 
         self.unet.requires_grad_(False)
         cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
@@ -483,7 +493,8 @@ class SV3D(nn.Module):
                                self.min_cfg if min_cfg is None else min_cfg,
                                self.max_cfg if max_cfg is None else max_cfg)
         for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="SV3D sampling")):
-            with torch.set_grad_enabled(i >= S - grad_last):
+            grad = i >= S - grad_last
+            with torch.set_grad_enabled(grad), self._adapter_mode(float(sigmas[i]), grad):
                 if i == S - grad_last:
                     x = x.detach()  # the truncation: nothing before the last K steps is differentiated
                 sched.scale_model_input(x, t)  # bookkeeping only; denoise() applies c_in itself
@@ -493,6 +504,13 @@ class SV3D(nn.Module):
                     trace.append((x.detach(), sigma, D))
                 x = sched.step(D, t, x).prev_sample.float()
         return x
+
+    def _adapter_mode(self, sigma: float, grad: bool):
+        """A sampler step's LoRA: off above ``lora_sigma_max`` (the adapter acts only where it was trained),
+        folded into the base weights on steps without autograd (same output, a third less time), else as is."""
+        if self.lora_sigma_max is not None and sigma > self.lora_sigma_max:
+            return lora_off(self.unet)
+        return contextlib.nullcontext() if grad else lora_folded(self.unet)
 
     def guidance(self, clip_emb: Tensor, cond_latent: Tensor, polars_rad: Tensor, azimuths_rad: Tensor,
                   cond_aug: Tensor | float, B: int, F: int, min_cfg: float, max_cfg: float) -> dict:

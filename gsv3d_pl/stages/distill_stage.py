@@ -25,6 +25,7 @@ exports the adapter with diffusers' ``save_lora_adapter`` into ``<run>/lora/``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -73,6 +74,8 @@ class DistillStage(DistillEvaluation, StageBase):
             ``module.Class`` (an extension's decoder, docs/extending.md). A checkpoint naming any other class is
             refused: it is data and cannot choose code to run (docs/security.md).
         lora_rank, lora_alpha (None = rank, i.e. scale 1), lora_targets, lora_dropout: the peft LoraConfig.
+        lora_sigma_max: the sampler applies the LoRA only on steps with σ ≤ this, the base model above (``sampler``
+            recipes without L_2D: the adapter then acts only on the steps DRaFT-K trains); None = every step.
         num_input_views: frames of D fed to the decoder. None = the datamodule's ``input_indices`` (N random
             orbit frames per object); an int = that many distinct random orbit frames per object and step.
         lambda_3d: weight of L_3D; lambda_rgb, lambda_depth, depth_loss_on: L_3D as in stage 1.
@@ -136,6 +139,7 @@ class DistillStage(DistillEvaluation, StageBase):
         lora_alpha: float | None = None,
         lora_targets: list[str] = ("to_q", "to_k", "to_v", "to_out.0"),
         lora_dropout: float = 0.0,
+        lora_sigma_max: float | None = None,
         num_input_views: int | None = None,
         lambda_3d: float = 1.0,
         lambda_2d: float = 1.0,
@@ -196,6 +200,9 @@ class DistillStage(DistillEvaluation, StageBase):
                              f"null, got {num_input_views}")
         if l2d_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.init_args.l2d_weighting must be one of {LOSS_WEIGHTINGS}, got {l2d_weighting!r}")
+        if lora_sigma_max is not None and (l3d_mode != "sampler" or lambda_2d > 0):
+            raise ValueError("model.init_args.lora_sigma_max gates the LoRA by the sampler's σ: it needs "
+                             f"l3d_mode 'sampler' and lambda_2d 0 (got {l3d_mode!r}, {lambda_2d}); set it to null")
         variants = [str(v) for v in test_variants]
         if not variants or len(set(variants)) != len(variants) or not set(variants) <= set(TEST_VARIANTS):
             raise ValueError(f"model.init_args.test_variants must be distinct names out of {list(TEST_VARIANTS)} "
@@ -223,7 +230,7 @@ class DistillStage(DistillEvaluation, StageBase):
         self.sv3d = sv3d
         self._unet_base_fp = fingerprint(sv3d.unet)  # the (unsaved) base UNet a checkpoint must match
         n_lora = sv3d.add_lora(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                               target_modules=tuple(lora_targets))
+                               target_modules=tuple(lora_targets), sigma_max=lora_sigma_max)
         trainable = [n for n, p in self.named_parameters() if p.requires_grad]
         non_lora = [n for n in trainable if "lora_" not in n]
         assert not non_lora, f"only LoRA parameters may train, found {non_lora[:5]}"
@@ -355,16 +362,20 @@ class DistillStage(DistillEvaluation, StageBase):
         if keep is None:  # drawn here, not inside training_loss, so that L_3D knows which samples were dropped
             keep = self.sv3d.cfg_keep_mask(B, dev, generator)  # [B], all ones in eval mode
         keep = keep.to(dev).float()
-        # A sampler recipe without L_2D needs no one-step prediction in training: skip its UNet pass and backward.
+        # A sampler recipe without L_2D needs no one-step prediction in training: no backward through it, and its
+        # UNet pass (for the log only) runs on diagnostic steps alone.
         need_2d = not (self.training and self.l3d_mode == "sampler" and self.lambda_2d == 0)
-        with self.autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and need_2d):
-            l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
-                                                    c["azimuths"], c["cond_aug"], generator=generator,
-                                                    weighting=self.l2d_weighting, keep=keep)
-        terms: dict[str, Tensor] = {"l2d": l2d.detach(), "cfg_dropped": 1.0 - keep.mean()}
+        terms: dict[str, Tensor] = {"cfg_dropped": 1.0 - keep.mean()}
         zero = torch.zeros((), device=dev)
-        loss = self.lambda_2d * l2d if use_2d and need_2d else zero
-        info = {"l2d": loss, "l3d": zero, "kl": zero, "sigma_2d": float(sigma.float().log().mean().exp())}
+        loss, info = zero, {"l2d": zero, "l3d": zero, "kl": zero, "sigma_2d": None}
+        if need_2d or parts is not None:
+            with self.autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and need_2d):
+                l2d, D, sigma = self.sv3d.training_loss(z_gt, c["clip_emb"], c["cond_latent"], c["polars"],
+                                                        c["azimuths"], c["cond_aug"], generator=generator,
+                                                        weighting=self.l2d_weighting, keep=keep)
+            terms["l2d"] = l2d.detach()
+            loss = self.lambda_2d * l2d if use_2d and need_2d else zero
+            info.update(l2d=loss, sigma_2d=float(sigma.float().log().mean().exp()))
         apply_3d = self.lambda_3d > 0 and (not self.training or self.l3d_prob >= 1.0 or
                                            float(torch.rand((), generator=generator)) < self.l3d_prob)
         if apply_3d and self.l3d_mode == "sampler":
@@ -455,11 +466,15 @@ class DistillStage(DistillEvaluation, StageBase):
         """Write the adapter with diffusers' ``save_lora_adapter`` into ``out_dir`` (atomically, via a tmp dir).
 
         Load it back with ``unet.load_lora_adapter(out_dir, prefix=None,
-        weight_name="pytorch_lora_weights.safetensors")`` (the default prefix silently loads nothing).
+        weight_name="pytorch_lora_weights.safetensors")`` (the default prefix silently loads nothing). With
+        ``lora_sigma_max`` set, ``gsv3d_lora.json`` records it: the adapter is meant for sampler steps with σ ≤ it.
         """
         out_dir = os.path.abspath(os.fspath(out_dir))
         with atomic_dir(out_dir) as tmp:
             self.sv3d.unet.save_lora_adapter(tmp)
+            if self.sv3d.lora_sigma_max is not None:
+                with open(os.path.join(tmp, "gsv3d_lora.json"), "w") as f:
+                    json.dump({"sigma_max": self.sv3d.lora_sigma_max}, f)
         return out_dir
 
     def on_fit_end(self) -> None:
