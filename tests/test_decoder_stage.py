@@ -92,6 +92,36 @@ def test_chunked_rendering_gives_the_same_loss_and_gradients(mode):
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-8, msg=n)
 
 
+def test_log_objects_gives_each_object_the_gradient_of_its_log_loss():
+    """``log_objects``: the value is L_3D's, the gradient that of mean_b log l3d_b (each object's own gradient
+    divided by its loss), checked against the objects rendered one at a time."""
+    stage = make_stage()
+    b = batch_of(2, num_extra_views=2)
+    b["target_images"][1] = 1.0 - b["target_images"][1]  # object 1 much harder than object 0
+    w = L3DWeights(1.0, 0.7, 0.0, "all")
+    tg = [b[k] for k in ("target_c2w", "target_K", "target_images", "target_alphas", "target_depths")]
+
+    def grads_of(loss):
+        stage.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in stage.decoder.named_parameters() if p.grad is not None}
+
+    plain, t_plain = render_loss(stage.predict_gaussians(b), *tg, w)
+    logl, t_log = render_loss(stage.predict_gaussians(b), *tg, w, log_objects=True)
+    assert float(logl) == pytest.approx(float(plain), rel=1e-6)  # the logged value is unchanged
+    g_log = grads_of(logl)
+    g = stage.predict_gaussians(b)
+    per = t_plain["l3d"]  # [2]
+    ref = sum(render_loss(g[i:i + 1], *[t[i:i + 1] for t in tg], w)[0] / per[i]
+              for i in range(2)) / 2
+    g_ref = grads_of(ref)
+    assert float(per.max() / per.min()) > 1.5  # the objects differ, so the weighting is visible
+    for n in g_ref:
+        torch.testing.assert_close(g_log[n], g_ref[n], rtol=1e-3, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="log_objects"):
+        render_loss(stage.predict_gaussians(b), *tg, w, chunk=2, log_objects=True)
+
+
 def test_training_step_uses_cached_latents_and_trains():
     stage = make_stage()
     b = batch_of(2)

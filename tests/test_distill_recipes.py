@@ -194,3 +194,25 @@ def test_lora_sigma_gate_applies_the_adapter_only_at_low_sigma(decoder_ckpt, tmp
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     out = mid.export_lora(tmp_path / "lora")
     assert json.load(open(f"{out}/gsv3d_lora.json")) == {"sigma_max": 10.0}
+
+
+def test_l3d_log_changes_the_gradient_not_the_logged_loss(decoder_ckpt):
+    out = []
+    for log in (False, True):
+        s = make_distill(decoder_ckpt, l3d_mode="sampler", sampler_steps=3, sampler_grad_steps=2, lambda_2d=0.0,
+                         l3d_log=log)
+        with torch.no_grad():
+            for n, p in lora_params(s).items():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        s.train()
+        b = batch()
+        b["target_images"][1] = 1.0 - b["target_images"][1]  # object 1 much harder: the weighting shows
+        loss, terms = s.distill_losses(b, generator=torch.Generator().manual_seed(0), use_2d=False)
+        loss.backward()
+        out.append((float(loss), torch.cat([p.grad.flatten() for p in lora_params(s).values()])))
+    (l0, g0), (l1, g1) = out
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert torch.isfinite(g1).all() and g1.abs().sum() > 0
+    cos = torch.nn.functional.cosine_similarity(g0, g1, dim=0)
+    assert float(cos) < 0.999  # not merely a rescaled gradient: the objects are weighted apart

@@ -91,6 +91,8 @@ class DistillStage(DistillEvaluation, StageBase):
         sampler_steps, sampler_grad_steps: ``sampler``: S Euler steps from noise (SV3D's sampler and CFG; use the
             evaluation's ``val_sample_steps``), gradients through the last K only. K = 1 is weak on the Karras
             schedule (its σ is σ_min, where D ≈ x); K ≥ 2 is the sensible minimum.
+        l3d_log: back-propagate L_3D as mean over objects of log L_3D (PSNR's form): each object's gradient divided
+            by its own loss, so hard objects do not drown the rest; the logged value is unchanged.
         lambda_kl: ``sampler``: weight of the KL anchor, mean ||D_LoRA − D_base||² on the differentiated steps.
         diagnostics_every: every this many training steps, log each term's gradient norm on the LoRA (one extra
             backward per term); 0 = never. The end of fit writes ``distill_diagnostics.json`` / ``.png``.
@@ -140,6 +142,7 @@ class DistillStage(DistillEvaluation, StageBase):
         lora_targets: list[str] = ("to_q", "to_k", "to_v", "to_out.0"),
         lora_dropout: float = 0.0,
         lora_sigma_max: float | None = None,
+        l3d_log: bool = False,
         num_input_views: int | None = None,
         lambda_3d: float = 1.0,
         lambda_2d: float = 1.0,
@@ -245,6 +248,7 @@ class DistillStage(DistillEvaluation, StageBase):
         self.l3d_sigma = None if l3d_p_mean is None else (float(l3d_p_mean), float(l3d_p_std))
         self.l3d_min_snr_gamma = l3d_min_snr_gamma
         self.l3d_prob = float(l3d_prob)
+        self.l3d_log = bool(l3d_log)
         self.sampler_steps, self.sampler_grad_steps = int(sampler_steps), int(sampler_grad_steps)
         self.diagnostics_every = int(diagnostics_every)
         self._diag_rows: list[dict] = []
@@ -430,7 +434,8 @@ class DistillStage(DistillEvaluation, StageBase):
         if sub is not None:
             tg = [gather_views(t, sub) for t in tg]
         l3d, t3 = render_loss(gaussians, *tg, self.loss_weights, object_weights=mask, background=self.background,
-                              backend=self.render_backend, chunk=self.render_chunk_views)
+                              backend=self.render_backend, chunk=self.render_chunk_views,
+                              log_objects=self.l3d_log and self.training)
         terms.update({k: v.mean() for k, v in t3.items()})  # rgb, depth, any new term of L_3D
         terms["l3d"] = l3d.detach()
         return l3d

@@ -138,6 +138,7 @@ def render_loss(
     backend: str = "auto",
     chunk: int | None = None,
     lpips_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    log_objects: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_3D of ``gaussians`` (batch [B]) against V ground-truth views, rendered ``chunk`` views at a time.
 
@@ -145,6 +146,9 @@ def render_loss(
         c2w, K: [B, V, 4, 4], [B, V, 3, 3] cameras of the ground-truth views (K at the GT size).
         gt_rgb [B, V, 3, H, W], gt_alpha [B, V, 1, H, W], gt_depth [B, V, 1, H, W].
         object_weights: [B] per-object weights of the batch mean (e.g. a σ mask), default all ones.
+        log_objects: back-propagate ``mean_b(w_b · log l3d_b)`` instead (the PSNR's form): each object's gradient is
+            divided by its own loss, so objects count by relative, not absolute, improvement. The returned value
+            stays ``mean_b(w_b · l3d_b)``. Needs all views in one chunk (``chunk`` None or ≥ V).
     Returns:
         loss: scalar ``mean_b(object_weights · l3d)`` to back-propagate. With gradients enabled and
             several chunks it is a surrogate with the exact value and the exact gradient (module doc).
@@ -154,6 +158,9 @@ def render_loss(
     H, W = gt_rgb.shape[-2:]
     ow = torch.ones(B, device=c2w.device) if object_weights is None else object_weights.float()  # [B]
     chunk = V if not chunk or chunk >= V else int(chunk)
+    if log_objects and chunk < V:
+        raise ValueError(f"render_loss: log_objects needs each object's whole loss in one chunk (chunk {chunk} < {V} "
+                         "views); set render_chunk_views to null")
     params = _gaussian_params(gaussians)
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     split = needs_grad and chunk < V
@@ -172,6 +179,9 @@ def render_loss(
         rgb, alpha, depth = render_views(g_in, c2w[:, sl], K[:, sl], W, H, background, backend, None)
         terms = view_losses(rgb, alpha, depth, gt_rgb[:, sl], gt_alpha[:, sl], gt_depth[:, sl], weights, lpips_fn)
         loss_c = (ow * terms["l3d"]).mean() * frac
+        if log_objects:  # one chunk (checked above): the value of the loss, the gradient of its log per object
+            log_c = (ow * terms["l3d"].clamp_min(1e-8).log()).mean()
+            loss_c = log_c - log_c.detach() + loss_c.detach()
         if split:
             if loss_c.requires_grad:
                 grads = torch.autograd.grad(loss_c, leaves, allow_unused=True)
