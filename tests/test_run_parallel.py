@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gsv3d_pl.tools.run_parallel import Job, StepFile, fit_job, plan_jobs, run_jobs
+from gsv3d_pl.tools.run_parallel import Job, StepFile, fit_job, plan_jobs, run_jobs, share_threads
 
 
 def _job(tmp_path: Path, name: str, code: str, **env) -> Job:
@@ -83,6 +83,37 @@ def test_step_file_writes_the_global_step(tmp_path):
     tr.global_step = 12  # the last step is always written
     cb.on_train_batch_end(tr, None, None, None, 0)
     assert (tmp_path / "progress").read_text().split() == ["12", "12"]
+
+
+def test_a_finished_stage_hands_its_cores_to_the_one_still_running(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    quick = _job(tmp_path, "quick", _stage(1), ROOT=tmp_path / "quick")
+    # the slow stage waits for its threads file, as StepFile would read it, and prints what it got
+    slow = _job(tmp_path, "slow", "import pathlib, time, os\np = pathlib.Path(os.environ['ROOT']) / 'threads'\n"
+                "t = time.time()\nwhile not p.exists() and time.time() - t < 20: time.sleep(0.02)\n"
+                "print('[stage] threads', p.read_text().strip() if p.exists() else None, flush=True)\n",
+                ROOT=tmp_path / "slow")
+    assert run_jobs([quick, slow], poll_s=0.05, out=io.StringIO()) == 0
+    assert "[stage] threads 2" in (tmp_path / "slow" / "fit.log").read_text()
+    # the child side: StepFile applies a new count once, at its next step
+    jobs = [Job("a", [], tmp_path / "a" / "fit.log"), Job("b", [], tmp_path / "b" / "fit.log")]
+    for j in jobs:
+        j.log.parent.mkdir()
+    share_threads(jobs, [0, 1], cores=4)
+    assert (tmp_path / "a" / "threads").read_text().split() == ["2"]
+    before = torch.get_num_threads()
+    try:
+        from types import SimpleNamespace
+
+        tr = SimpleNamespace(global_step=1, max_steps=9, is_global_zero=True, default_root_dir=str(tmp_path / "a"))
+        target = 1 if before != 1 else 2
+        (tmp_path / "a" / "threads").write_text(f"{target}\n")
+        StepFile().on_train_batch_end(tr, None, None, None, 0)
+        assert torch.get_num_threads() == target
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_seeds_run_each_config_once_per_seed_in_its_own_folder(tmp_path):

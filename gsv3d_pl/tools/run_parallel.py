@@ -13,7 +13,9 @@ GS decoder this way; neither reads the other's outputs.
 
 Each stage writes its whole output to ``<trainer.default_root_dir>/fit.log``. The terminal shows one progress bar
 per stage (its global step, which a :class:`StepFile` callback in the child writes beside the log), then each stage's summary lines (those that start
-with ``[``, e.g. ``[heldout eval] ...``). If a stage fails, the others are stopped, the failed log's tail is
+with ``[``, e.g. ``[heldout eval] ...``). When a stage finishes, the ones still running share its cores: the parent
+writes their new thread count to a ``threads`` file beside each log, which :class:`StepFile` applies
+(``torch.set_num_threads``) at its next step. If a stage fails, the others are stopped, the failed log's tail is
 printed, and the exit status is the failed stage's.
 """
 
@@ -33,22 +35,41 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from tqdm.auto import tqdm
 
-__all__ = ["Job", "fit_job", "plan_jobs", "run_jobs", "main"]
+__all__ = ["Job", "fit_job", "plan_jobs", "run_jobs", "share_threads", "main"]
 
 _REPORTER = json.dumps({"class_path": "gsv3d_pl.tools.run_parallel.StepFile", "init_args": {"every": 5}})
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 class StepFile(Callback):
-    """Writes ``<global step> <max_steps>`` to ``<default_root_dir>/progress`` every ``every`` training steps.
+    """Writes ``<global step> <max_steps>`` to ``<default_root_dir>/progress`` every ``every`` training steps, and
+    takes the intra-op thread count the parent leaves in ``<default_root_dir>/threads`` (cores freed by a stage
+    that finished).
 
     The parent's progress bars read it: Lightning's own bar prints nothing while its output is a file.
     """
 
     def __init__(self, every: int = 5):
         self.every = max(1, int(every))
+        self._threads_mtime: float | None = None
+
+    def _take_threads(self, root: str) -> None:
+        path = Path(root, "threads")
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self._threads_mtime:
+                return
+            n = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # none yet, or read mid-write: the next step tries again
+            return
+        import torch
+
+        self._threads_mtime = mtime
+        if n >= 1 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._take_threads(trainer.default_root_dir)
         step = trainer.global_step
         if trainer.is_global_zero and (step % self.every == 0 or step >= (trainer.max_steps or 0) > 0):
             Path(trainer.default_root_dir, "progress").write_text(f"{step} {trainer.max_steps}\n")
@@ -128,13 +149,19 @@ def run_jobs(jobs: Sequence[Job], poll_s: float = 2.0, out=sys.stdout) -> int:
         for j in jobs:
             j.log.parent.mkdir(parents=True, exist_ok=True)
             (j.log.parent / "progress").unlink(missing_ok=True)  # a previous run's
+            (j.log.parent / "threads").unlink(missing_ok=True)
             fh = open(j.log, "wb")
             handles.append(fh)
             procs.append(subprocess.Popen(j.argv, stdout=fh, stderr=subprocess.STDOUT,
                                           env={**os.environ, **j.env}, start_new_session=True))
         failed: int | None = None
+        done: set[int] = set()
         while True:
             codes = [p.poll() for p in procs]
+            finished = {i for i, c in enumerate(codes) if c == 0}
+            if finished - done:  # hand the finished stages' cores to the others
+                done = finished
+                share_threads(jobs, [i for i, c in enumerate(codes) if c is None])
             for j, bar in zip(jobs, bars):
                 prog = _progress(j)
                 if prog is not None and (prog[0], prog[1]) != (bar.n, bar.total):
@@ -180,6 +207,19 @@ def run_jobs(jobs: Sequence[Job], poll_s: float = 2.0, out=sys.stdout) -> int:
             for ln in lines:
                 print(f"  {ln}", file=out)
     return 0
+
+
+def share_threads(jobs: Sequence[Job], running: Sequence[int], cores: int | None = None) -> None:
+    """Write each running job's new intra-op thread count (the machine's cores split among them) to its
+    ``threads`` file, read by :class:`StepFile` in the child."""
+    if not running:
+        return
+    n = max(1, (cores or os.cpu_count() or 1) // len(running))
+    for i in running:
+        path = jobs[i].log.parent / "threads"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{n}\n")
+        os.replace(tmp, path)  # atomic: the child never reads half a number
 
 
 def plan_jobs(configs: Sequence[str], extra: Sequence[str] = (), threads: int | None = None,
