@@ -38,7 +38,6 @@ from gsv3d_pl.hub import hub_path
 from gsv3d_pl.models.edm import EDMPreconditioner, triangle_cfg_scales  # noqa: F401  (re-exported)
 from gsv3d_pl.models.encoders import tiny_init_seed
 from gsv3d_pl.models.lora_fold import lora_folded, lora_off
-from gsv3d_pl.models.sampler_cache import PrefixCache
 from gsv3d_pl.orbit import NUM_FRAMES
 from gsv3d_pl.weights import HubFile, WeightSpec, require_files, resolve
 
@@ -302,7 +301,6 @@ class SV3D(nn.Module):
         self.num_steps = int(num_steps)
         self.min_cfg, self.max_cfg = float(min_cfg), float(max_cfg)
         self.lora_sigma_max: float | None = None  # add_lora(sigma_max=): the sampler's steps the adapter acts on
-        self._prefix_cache: PrefixCache | None = None  # only inside prefix_cache()
 
     # ------------------------------------------------------------------ LoRA
 
@@ -482,6 +480,7 @@ class SV3D(nn.Module):
         dev = cond_latent.device
         sched = self.make_scheduler()
         sched.set_timesteps(num_steps or self.num_steps, device=dev)
+        sched.set_begin_index(0)  # timesteps above the beta schedule's range repeat; index by position
         sigmas = sched.sigmas.to(dev)  # [S+1], last = 0
         S = len(sched.timesteps)
         if not 0 <= grad_last <= S:
@@ -490,20 +489,10 @@ class SV3D(nn.Module):
             gdev = generator.device if generator is not None else dev
             latents = torch.randn(B, F, C, h, w, generator=generator, device=gdev).to(dev)
         x = latents.float() * sigmas[0]  # [B, F, C, h, w]
-        min_cfg = self.min_cfg if min_cfg is None else min_cfg
-        max_cfg = self.max_cfg if max_cfg is None else max_cfg
-        guide = self.guidance(clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug, B, F, min_cfg, max_cfg)
-        start, cache, n_pre, key = 0, None, 0, None
-        if self._prefix_cache is not None and self.lora_sigma_max is not None and grad_last == 0:
-            cache = self._prefix_cache  # the steps above the gate are the base model's, LoRA on or off
-            n_pre = int((sigmas[:S] > self.lora_sigma_max).sum())
-            key = cache.key(n_pre, latents, clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug, min_cfg, max_cfg)
-            hit = cache.get(key) if n_pre > 0 else None
-            if hit is not None:
-                x, start = hit.to(dev), n_pre
-        sched.set_begin_index(start)  # timesteps above the beta schedule's range repeat; index by position
-        for i in tqdm(range(start, S), disable=not progress, desc="SV3D sampling"):
-            t = sched.timesteps[i]
+        guide = self.guidance(clip_emb, cond_latent, polars_rad, azimuths_rad, cond_aug, B, F,
+                               self.min_cfg if min_cfg is None else min_cfg,
+                               self.max_cfg if max_cfg is None else max_cfg)
+        for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="SV3D sampling")):
             grad = i >= S - grad_last
             with torch.set_grad_enabled(grad), self._adapter_mode(float(sigmas[i]), grad):
                 if i == S - grad_last:
@@ -514,20 +503,7 @@ class SV3D(nn.Module):
                 if trace is not None and torch.is_grad_enabled():
                     trace.append((x.detach(), sigma, D))
                 x = sched.step(D, t, x).prev_sample.float()
-            if cache is not None and i + 1 == n_pre and start == 0:
-                cache.put(key, x)
         return x
-
-    @contextlib.contextmanager
-    def prefix_cache(self):
-        """Within: sampling without autograd, with the LoRA gated (``lora_sigma_max``), reuses the steps above the
-        gate for the same noise and conditioning, e.g. one object sampled with the LoRA on and then off
-        (:mod:`gsv3d_pl.models.sampler_cache`). Nothing is cached outside it."""
-        prev, self._prefix_cache = self._prefix_cache, PrefixCache()
-        try:
-            yield self._prefix_cache
-        finally:
-            self._prefix_cache = prev
 
     def _adapter_mode(self, sigma: float, grad: bool):
         """A sampler step's LoRA: off above ``lora_sigma_max`` (the adapter acts only where it was trained),

@@ -152,10 +152,9 @@ class DistillEvaluation:
         was_training = self.training
         self.eval()
         try:
-            with self.sv3d.prefix_cache():  # the LoRA-off orbits reuse the steps above the gate (if any)
-                res = end_to_end_evaluation(lambda b: self.evaluate_novel_views(b, seed=self.e2e_seed),
-                                            self.sv3d.unet, datamodule.test_dataloader(),
-                                            datamodule.train_dataloader(), self.device, self.heldout_max_objects)
+            res = end_to_end_evaluation(lambda b: self.evaluate_novel_views(b, seed=self.e2e_seed), self.sv3d.unet,
+                                        datamodule.test_dataloader(), datamodule.train_dataloader(), self.device,
+                                        self.heldout_max_objects)
         finally:
             self.train(was_training)
         res.update(global_step=int(self.global_step), seed=self.e2e_seed, sample_steps=self.val_sample_steps,
