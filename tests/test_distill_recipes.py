@@ -162,17 +162,21 @@ def test_paired_t_interval_and_the_study_row():
     assert row["consistency"]["gain"] == pytest.approx(-0.1) and row["wall_s"] == 120.0
 
 
+def draft_stage_with_lora(ckpt, **kw):
+    """A DRaFT-2-of-3 stage without L_2D whose LoRA B is set (fixed per tensor), so the adapter changes the output."""
+    s = make_distill(ckpt, l3d_mode="sampler", sampler_steps=3, sampler_grad_steps=2, lambda_2d=0.0, **kw)
+    with torch.no_grad():
+        for n, p in lora_params(s).items():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return s
+
+
 def test_lora_sigma_gate_applies_the_adapter_only_at_low_sigma(decoder_ckpt, tmp_path):
     """``lora_sigma_max``: the sampler runs the base model above it, the LoRA at and below it; DRaFT's gradient
     still reaches the LoRA through the gated steps, and the exported adapter records the gate."""
     def stage_with(gate):
-        s = make_distill(decoder_ckpt, l3d_mode="sampler", sampler_steps=3, sampler_grad_steps=2, lambda_2d=0.0,
-                         lora_sigma_max=gate)
-        with torch.no_grad():
-            for n, p in lora_params(s).items():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-        return s
+        return draft_stage_with_lora(decoder_ckpt, lora_sigma_max=gate)
 
     def orbit(s, off=False):
         from gsv3d_pl.stages.e2e import adapters_disabled
@@ -199,12 +203,7 @@ def test_lora_sigma_gate_applies_the_adapter_only_at_low_sigma(decoder_ckpt, tmp
 def test_l3d_log_changes_the_gradient_not_the_logged_loss(decoder_ckpt):
     out = []
     for log in (False, True):
-        s = make_distill(decoder_ckpt, l3d_mode="sampler", sampler_steps=3, sampler_grad_steps=2, lambda_2d=0.0,
-                         l3d_log=log)
-        with torch.no_grad():
-            for n, p in lora_params(s).items():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        s = draft_stage_with_lora(decoder_ckpt, l3d_log=log)
         s.train()
         b = batch()
         b["target_images"][1] = 1.0 - b["target_images"][1]  # object 1 much harder: the weighting shows
