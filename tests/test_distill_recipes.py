@@ -112,6 +112,7 @@ def test_l3d_own_sigma_and_min_snr_change_l3d_only(decoder_ckpt):
                                     ({"l3d_p_mean": 0.0}, "l3d_p_mean"), ({"lambda_2d": -1.0}, "lambda_2d"),
                                     ({"l3d_min_snr_gamma": 0.0}, "l3d_min_snr_gamma"),
                                     ({"lora_sigma_max": 2.5}, "lora_sigma_max"),  # one_step: no sampler to gate
+                                    ({"l3d_log": True, "render_chunk_views": 2}, "l3d_log"),
                                     ({"l3d_mode": "sampler", "lambda_2d": 0.0, "lora_sigma_max": -1.0}, "sigma_max")])
 def test_bad_recipe_keys_name_the_key(decoder_ckpt, kw, key):
     with pytest.raises(ValueError, match=key):

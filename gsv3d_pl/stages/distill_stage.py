@@ -206,6 +206,9 @@ class DistillStage(DistillEvaluation, StageBase):
         if lora_sigma_max is not None and (l3d_mode != "sampler" or lambda_2d > 0):
             raise ValueError("model.init_args.lora_sigma_max gates the LoRA by the sampler's σ: it needs "
                              f"l3d_mode 'sampler' and lambda_2d 0 (got {l3d_mode!r}, {lambda_2d}); set it to null")
+        if l3d_log and render_chunk_views:
+            raise ValueError("model.init_args.l3d_log needs each object's whole L_3D in one render chunk: set "
+                             f"render_chunk_views to null (got {render_chunk_views})")
         variants = [str(v) for v in test_variants]
         if not variants or len(set(variants)) != len(variants) or not set(variants) <= set(TEST_VARIANTS):
             raise ValueError(f"model.init_args.test_variants must be distinct names out of {list(TEST_VARIANTS)} "
